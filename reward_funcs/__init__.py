@@ -1,0 +1,44 @@
+"""Built-in reward functions, addressed by name in recipes (`reward_funcs: [prompt_color]`).
+
+The registry maps each name to a `"module:function"` path and imports the module only when the reward
+is asked for, so importing this package stays cheap. Each function's `__name__` equals its registry
+name, which TRL uses when logging `rewards/<name>/mean`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from trl_flow.errors import UserInputError
+
+__all__ = ["BUILTIN_REWARDS", "get_builtin_reward", "list_builtin_rewards"]
+
+BUILTIN_REWARDS: dict[str, str] = {
+    "brightness": "reward_funcs.rules:brightness",
+    "jpeg_compressibility": "reward_funcs.rules:jpeg_compressibility",
+    "jpeg_incompressibility": "reward_funcs.rules:jpeg_incompressibility",
+    "prompt_color": "reward_funcs.rules:prompt_color",
+}
+"""Built-in reward name -> `"module:function"` import path."""
+
+
+def list_builtin_rewards() -> list[str]:
+    """Names of the built-in rewards, sorted."""
+    return sorted(BUILTIN_REWARDS)
+
+
+def get_builtin_reward(name: str) -> Callable[..., Any]:
+    """Import and return the built-in reward function called `name`.
+
+    Raises:
+        UserInputError: `name` is not a built-in reward.
+    """
+    target = BUILTIN_REWARDS.get(name)
+    if target is None:
+        raise UserInputError(
+            f"unknown built-in reward '{name}'; built-in rewards are: {', '.join(list_builtin_rewards())}."
+        )
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)

@@ -1,0 +1,103 @@
+"""The one interface between the Flow-GRPO trainer and a model family.
+
+An adapter knows how a family's pipeline encodes prompts, shapes latents, schedules sigmas, calls its denoiser
+(with classifier-free guidance) and decodes latents to images. The trainer knows the algorithm. Adding a family
+means one file under ``trl_flow/models/`` with a subclass of :class:`FlowModelAdapter`, registered in
+``trl_flow/models/__init__.py``.
+
+The consistency contract: :meth:`FlowModelAdapter.predict_velocity` is the only place a denoiser is called, both
+in rollouts and in training passes, with the same conditioning tensors (stored per sample), so a rollout's log-prob
+and the first training pass's log-prob are computed from the same numbers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+# Per-sample conditioning tensors, all batch-first, produced by `encode_prompts` and consumed by
+# `predict_velocity`. Batch-first matters: TRL shuffles and splits every tensor of a rollout batch along dim 0.
+Conditioning = dict[str, torch.Tensor]
+
+# Anything that runs the denoiser: the trainer passes its (possibly DDP/DeepSpeed-wrapped, PEFT-wrapped)
+# `DiffusionPolicy`, whose forward takes the denoiser's keyword arguments and returns its prediction tensor.
+DenoiserCall = Callable[..., torch.Tensor]
+
+
+class FlowModelAdapter(ABC):
+    """What the trainer needs from a flow-matching text-to-image family.
+
+    Args:
+        pipeline: a loaded diffusers pipeline of the family.
+    """
+
+    #: diffusers pipeline class names this adapter serves (used for automatic selection).
+    pipeline_class_names: tuple[str, ...] = ()
+    #: module names PEFT's LoRA targets by default for this family's denoiser.
+    default_lora_target_modules: tuple[str, ...] = ()
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The trainable network (a diffusers transformer)."""
+        return self.pipeline.transformer
+
+    @abstractmethod
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """The pipeline parts that are never trained (VAE, text encoders), by attribute name."""
+
+    @abstractmethod
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: list[str], negative_prompt: str, guidance_scale: float, max_sequence_length: int
+    ) -> Conditioning:
+        """Text conditioning for each prompt (and the negative prompt when guidance is on), batch-first."""
+
+    @abstractmethod
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Initial noise, drawn exactly as the family's pipeline draws it (same generator, same shapes)."""
+
+    @abstractmethod
+    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """The sampling schedule as the pipeline builds it: ``num_inference_steps + 1`` sigmas from ~1 to 0."""
+
+    @abstractmethod
+    def predict_velocity(
+        self,
+        denoiser: DenoiserCall,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        conditioning: Conditioning,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The (guided) velocity ``v(x, sigma)`` for a batch of latents at per-sample noise levels ``sigma`` (B,)."""
+
+    @abstractmethod
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents at sigma 0 to RGB PIL images, as the pipeline's ``output_type="pil"`` would return them."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the denoiser runs in."""
+        return self.denoiser.dtype
+
+    def save_lora_weights(self, output_dir: str, lora_state_dict: dict, lora_config: dict) -> None:
+        """Write the denoiser's LoRA in the family's diffusers format (``pipe.load_lora_weights(dir)`` loads it).
+
+        The PEFT config goes in as metadata: without it diffusers assumes ``lora_alpha == r`` and a LoRA trained
+        with another alpha comes back with the wrong scale.
+        """
+        type(self.pipeline).save_lora_weights(
+            output_dir,
+            transformer_lora_layers=lora_state_dict,
+            transformer_lora_adapter_metadata=lora_config,
+            safe_serialization=True,
+        )

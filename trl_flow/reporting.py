@@ -1,0 +1,56 @@
+"""Pictures of a run: a grid of sample images and a reward curve, written as PNG files."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from PIL import Image
+
+
+def _write_atomically(save, path: Path) -> Path:
+    """Write to a temporary name, then rename: a reader never sees half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save(partial)
+    os.replace(partial, path)
+    return path
+
+
+def save_sample_grid(images: list[Image.Image], path: str | os.PathLike, columns: int | None = None) -> Path:
+    """Tile ``images`` (all the same size) into one PNG, row by row."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((index % columns) * width, (index // columns) * height))
+    return _write_atomically(lambda p: grid.save(p, format="PNG"), Path(path))
+
+
+def save_reward_curve(log_history: list[dict], path: str | os.PathLike) -> Path:
+    """Plot ``reward`` (and ``eval_reward`` when present) against the step from a Trainer's log history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for key, label in (("reward", "train reward"), ("eval_reward", "eval reward")):
+        points = [(entry["step"], entry[key]) for entry in log_history if entry.get(key) is not None]
+        if points:
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, marker="o", markersize=3, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("reward")
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend()
+    figure.tight_layout()
+    try:
+        return _write_atomically(lambda p: figure.savefig(p, format="png"), Path(path))
+    finally:
+        plt.close(figure)
