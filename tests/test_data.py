@@ -319,10 +319,10 @@ def test_empty_dataset_name(name: str) -> None:
 def test_tiny_prompt_files_load() -> None:
     train = load_prompt_dataset(str(TINY_PROMPTS_PATH))
     evaluation = load_prompt_dataset(str(TINY_EVAL_PROMPTS_PATH))
-    assert len(train) == 16
+    assert len(train) == 12
     assert len(evaluation) == 4
     assert not set(train["prompt"]) & set(evaluation["prompt"])
-    colors = {"red", "green", "blue", "yellow"}
+    colors = {"red", "green", "blue"}
     for prompt in list(train["prompt"]) + list(evaluation["prompt"]):
         assert prompt == prompt.lower()
         assert len(colors.intersection(prompt.split())) == 1, prompt

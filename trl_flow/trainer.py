@@ -86,7 +86,7 @@ class FlowGRPOTrainer(GRPOTrainer):
 
     def __init__(
         self,
-        model: str | DiffusionPipeline,
+        model: str | os.PathLike | DiffusionPipeline,
         reward_funcs,
         args: FlowGRPOConfig | None = None,
         train_dataset=None,
@@ -100,9 +100,9 @@ class FlowGRPOTrainer(GRPOTrainer):
             args = FlowGRPOConfig(output_dir="flow-grpo")
         if not isinstance(args, FlowGRPOConfig):
             raise TypeError("FlowGRPOTrainer needs a FlowGRPOConfig, not a plain GRPOConfig")
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
             model_kwargs = dict(args.model_init_kwargs or {})
-            model = load_pipeline(model, **model_kwargs)
+            model = load_pipeline(os.fspath(model), **model_kwargs)
         self.pipeline = model
         self.adapter: FlowModelAdapter = adapter_for_pipeline(model, model_family)
 
@@ -155,30 +155,29 @@ class FlowGRPOTrainer(GRPOTrainer):
         index = torch.tensor([unique.index(p) for p in prompts], device=next(iter(encoded.values())).device)
         return {name: tensor.index_select(0, index) for name, tensor in encoded.items()}
 
-    def _rollout_generator(self, mode: str) -> torch.Generator:
+    def _rollout_seed(self, mode: str) -> int:
         # Evaluation uses the same seeds every time (comparable across evaluations); training rollouts differ per
         # rollout and per process, reproducibly from args.seed.
-        if mode == "eval":
-            seed = self.args.seed + 7919 * self.accelerator.process_index
-        else:
-            seed = self.args.seed + 7919 * self.accelerator.process_index + 104729 * (self._rollout_index + 1)
+        seed = self.args.seed + 7919 * self.accelerator.process_index
+        if mode == "train":
             self._rollout_index += 1
-        return torch.Generator().manual_seed(seed)
+            seed += 104729 * self._rollout_index
+        return seed
 
     @torch.no_grad()
-    def _sample_trajectories(
-        self, denoiser, conditioning: dict[str, torch.Tensor], mode: str
+    def _denoise(
+        self,
+        denoiser,
+        conditioning: dict[str, torch.Tensor],
+        num_steps: int,
+        noise_level: float,
+        trained_steps: range,
+        generator: torch.Generator,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Denoise one batch; return the final latents and, per trained step, what the loss needs."""
         args = self.args
-        training = mode == "train"
-        num_steps = args.num_inference_steps if training else args.eval_num_inference_steps
-        noise_level = args.noise_level if training else 0.0
-        trained_steps = range(args.num_trained_steps) if training else range(0)
         sigmas = self.adapter.sigmas(num_steps, args.height, args.width)
         batch_size = next(iter(conditioning.values())).shape[0]
-        generator = self._rollout_generator(mode)
-
         latents = self.adapter.prepare_latents(batch_size, args.height, args.width, generator).float()
         record: dict[str, list[torch.Tensor]] = {"latents": [], "next_latents": [], "old_log_probs": []}
         for i in range(num_steps):
@@ -201,21 +200,54 @@ class FlowGRPOTrainer(GRPOTrainer):
             trajectory["sigmas_next"] = sigmas[steps + 1].expand(batch_size, -1).to(latents.device)
         return latents, trajectory
 
-    def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:
-        mode = "train" if self.model.training else "eval"
-        prompts = [example["prompt"] for example in inputs]
+    def _rollout(
+        self, prompts: list[str], num_steps: int, noise_level: float, trained_steps: range, seed: int
+    ) -> tuple[list, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Images, per-step trajectories and conditioning for ``prompts``, in chunks of ``rollout_batch_size``."""
         conditioning = self._conditioning(prompts)
         chunk = self.args.rollout_batch_size or len(prompts)
-
+        generator = torch.Generator().manual_seed(seed)
         images, trajectories = [], []
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
         ) as denoiser:
             for start in range(0, len(prompts), chunk):
                 part = {name: tensor[start : start + chunk] for name, tensor in conditioning.items()}
-                final_latents, trajectory = self._sample_trajectories(denoiser, part, mode)
+                final_latents, trajectory = self._denoise(
+                    denoiser, part, num_steps, noise_level, trained_steps, generator
+                )
                 images.extend(self.adapter.decode_latents(final_latents))
                 trajectories.append(trajectory)
+        steps = {name: torch.cat([t[name] for t in trajectories]) for name in trajectories[0]}
+        return images, steps, conditioning
+
+    def generate_images(
+        self, prompts: list[str], num_inference_steps: int | None = None, noise_level: float = 0.0, seed: int = 0
+    ) -> list:
+        """Sample images of the current policy for ``prompts`` (ODE by default, ``eval_num_inference_steps``).
+
+        Deterministic for a ``seed``: the same seed gives the same initial noise, so images before and after
+        training can be compared one to one.
+        """
+        num_steps = num_inference_steps or self.args.eval_num_inference_steps
+        images, _, _ = self._rollout(prompts, num_steps, noise_level, range(0), seed)
+        return images
+
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:
+        mode = "train" if self.model.training else "eval"
+        prompts = [example["prompt"] for example in inputs]
+        args = self.args
+        if mode == "train":
+            num_steps, noise_level, trained_steps = (
+                args.num_inference_steps,
+                args.noise_level,
+                range(args.num_trained_steps),
+            )
+        else:
+            num_steps, noise_level, trained_steps = args.eval_num_inference_steps, 0.0, range(0)
+        images, batch, conditioning = self._rollout(
+            prompts, num_steps, noise_level, trained_steps, self._rollout_seed(mode)
+        )
 
         rewards_per_func = self._calculate_rewards(inputs, prompts, images, [None] * len(prompts))
         advantages = self._advantages_and_reward_metrics(rewards_per_func, mode)
@@ -232,7 +264,6 @@ class FlowGRPOTrainer(GRPOTrainer):
             self._logs["images"].extend([[image] for image in gather_object(images)])
         self._last_images = images
 
-        batch = {name: torch.cat([t[name] for t in trajectories]) for name in trajectories[0]}
         batch.update({_CONDITIONING_PREFIX + name: tensor for name, tensor in conditioning.items()})
         batch["advantages"] = advantages[process_slice].to(self.accelerator.device)
         return batch
