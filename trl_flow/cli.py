@@ -210,12 +210,20 @@ def _train(script_args, training_args, model_args) -> int:
     output_dir = Path(training_args.output_dir)
     curve = save_reward_curve(trainer.state.log_history, output_dir / "reward_curve.png")
     grid = save_sample_grid(trainer.sample_images(), output_dir / "samples.png")
-    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
-    if rewards:
-        print(f"reward: {rewards[0]:.4f} (first log) -> {rewards[-1]:.4f} (last log) over {len(rewards)} logs")
+    print(summarize_rewards(trainer.state.log_history))
     print(f"LoRA / model, trainer_state.json: {output_dir}")
     print(f"reward curve: {curve}\nsample grid: {grid}")
     return 0
+
+
+def summarize_rewards(log_history: list[dict]) -> str:
+    """One line: the mean logged reward of the first and of the last tenth of the run."""
+    rewards = [entry["reward"] for entry in log_history if entry.get("reward") is not None]
+    if not rewards:
+        return "reward: nothing logged"
+    window = max(1, len(rewards) // 10)
+    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
+    return f"reward: {first:.4f} -> {last:.4f} (mean of the first and last {window} of {len(rewards)} logs)"
 
 
 def env() -> int:

@@ -18,12 +18,17 @@ def _write_atomically(save, path: Path) -> Path:
     return path
 
 
-def save_sample_grid(images: list[Image.Image], path: str | os.PathLike, columns: int | None = None) -> Path:
-    """Tile ``images`` (all the same size) into one PNG, row by row."""
+def save_sample_grid(
+    images: list[Image.Image], path: str | os.PathLike, columns: int | None = None, min_tile: int = 128
+) -> Path:
+    """Tile ``images`` (all the same size) into one PNG, row by row; tiny images are enlarged to ``min_tile``."""
     if not images:
         raise ValueError("no images to put in a grid")
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
+    scale = max(1, math.ceil(min_tile / max(images[0].size)))
+    if scale > 1:  # nearest neighbour keeps a 32 px image's pixels visible as they are
+        images = [image.resize((image.width * scale, image.height * scale), Image.NEAREST) for image in images]
     width, height = images[0].size
     grid = Image.new("RGB", (columns * width, rows * height), "white")
     for index, image in enumerate(images):
