@@ -270,7 +270,7 @@ def _accelerate_relaunch(argv: list[str]) -> int:
         raise UserInputError(
             f"accelerate config {name!r} not found: use one of {', '.join(ACCELERATE_CONFIG_NAMES)} or a file path"
         )
-    command = ["accelerate", "launch", "--config_file", str(config), "-m", "trl_flow.cli", *rest]
+    command = ["accelerate", "launch", "--config_file", str(config), "-m", "trl_flow.cli", "grpo", *rest]
     return subprocess.call(command, env=os.environ.copy())
 
 
@@ -303,8 +303,16 @@ def main(argv: list[str] | None = None) -> int:
             return env()
         raise UserInputError(f"unknown command {command!r}; commands: grpo, env")
     except UserInputError as error:
+        _close_progress_bars()  # else a bar left open mid-training shares the error's line on stderr
         print(f"trl-flow: error: {error}", file=sys.stderr)
         return 2
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars still open (e.g. the Trainer's, when a reward fails mid-run): each ends its line."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ LLM_ONLY_FIELDS: dict[str, str] = {
 }
 
 
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
 @dataclass
 class FlowGRPOConfig(GRPOConfig):
     r"""Configuration for [`FlowGRPOTrainer`]: every [`trl.GRPOConfig`] field, plus the diffusion ones.
@@ -147,6 +153,10 @@ class FlowGRPOConfig(GRPOConfig):
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on whenever it is unset, which transformers refuses on a machine without a GPU.
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not self.use_cpu and not _has_accelerator():
+            # On a CPU-only machine, a Trainer without use_cpu does not join the gloo process group that
+            # `accelerate launch` set up: each process would run alone and write the same output_dir.
+            self.use_cpu = True
         super().__post_init__()
 
     @property
