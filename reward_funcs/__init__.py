@@ -3,6 +3,11 @@
 The registry maps each name to a `"module:function"` path and imports the module only when the reward
 is asked for, so importing this package stays cheap. Each function's `__name__` equals its registry
 name, which TRL uses when logging `rewards/<name>/mean`.
+
+The model-based rewards (`pickscore`, `clipscore`, `aesthetic`, `imagereward`, `hps`, `ocr`, `geneval`,
+`vlm_judge`) are callable objects, not functions: importing their module loads no model; the first call does,
+once per process (cached per model id, device and dtype). Each module also has a `make_<name>(...)` factory for
+other settings (model path, device, dtype, batch size, ...).
 """
 
 from __future__ import annotations
@@ -16,10 +21,20 @@ from trl_flow.errors import UserInputError
 __all__ = ["BUILTIN_REWARDS", "get_builtin_reward", "list_builtin_rewards"]
 
 BUILTIN_REWARDS: dict[str, str] = {
+    # rule-based (numpy + Pillow)
     "brightness": "reward_funcs.rules:brightness",
     "jpeg_compressibility": "reward_funcs.rules:jpeg_compressibility",
     "jpeg_incompressibility": "reward_funcs.rules:jpeg_incompressibility",
     "prompt_color": "reward_funcs.rules:prompt_color",
+    # model-based: each module's object loads its model on first call (see docs/rewards.md)
+    "aesthetic": "reward_funcs.aesthetic:aesthetic",
+    "clipscore": "reward_funcs.clipscore:clipscore",
+    "geneval": "reward_funcs.geneval:geneval",
+    "hps": "reward_funcs.hps:hps",
+    "imagereward": "reward_funcs.imagereward:imagereward",
+    "ocr": "reward_funcs.ocr:ocr",
+    "pickscore": "reward_funcs.pickscore:pickscore",
+    "vlm_judge": "reward_funcs.vlm_judge:vlm_judge",
 }
 """Built-in reward name -> `"module:function"` import path."""
 

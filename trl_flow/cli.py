@@ -180,9 +180,9 @@ def grpo(argv: list[str]) -> int:
         raise
 
 
-def _train(script_args, training_args, model_args) -> int:
+def build_trainer(script_args, training_args, model_args):
+    """The FlowGRPOTrainer a recipe describes (rewards, datasets, pipeline, LoRA), shared by `grpo` and `doctor`."""
     from .models import adapter_for_pipeline
-    from .reporting import save_reward_curve, save_sample_grid
     from .rewards import resolve_reward_funcs
     from .trainer import FlowGRPOTrainer, load_pipeline
 
@@ -192,8 +192,7 @@ def _train(script_args, training_args, model_args) -> int:
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else None
     pipeline = load_pipeline(_resolve_model(model_args.model_name_or_path), dtype=dtype)
     adapter = adapter_for_pipeline(pipeline, script_args.model_family)
-
-    trainer = FlowGRPOTrainer(
+    return FlowGRPOTrainer(
         model=pipeline,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -202,6 +201,12 @@ def _train(script_args, training_args, model_args) -> int:
         peft_config=_peft_config(model_args, adapter),
         model_family=script_args.model_family,
     )
+
+
+def _train(script_args, training_args, model_args) -> int:
+    from .reporting import save_reward_curve, save_sample_grid
+
+    trainer = build_trainer(script_args, training_args, model_args)
     trainer.train()
     trainer.save_model(training_args.output_dir)
     if not trainer.accelerator.is_main_process:
@@ -280,6 +285,7 @@ commands:
   grpo --recipe RECIPE.yaml [--key value ...]   train with Flow-GRPO (flags override recipe keys;
                                                  --accelerate_config ddp|zero2|zero3|FILE relaunches
                                                  through accelerate; --help lists every key)
+  doctor --recipe RECIPE.yaml [--key value ...] pre-flight checks of a recipe (exit 1 if one fails)
   env                                           print versions for bug reports
 """
 
@@ -301,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             return grpo(rest)
         if command == "env":
             return env()
-        raise UserInputError(f"unknown command {command!r}; commands: grpo, env")
+        if command == "doctor":
+            from .doctor import doctor
+
+            return doctor(rest)
+        raise UserInputError(f"unknown command {command!r}; commands: grpo, doctor, env")
     except UserInputError as error:
         _close_progress_bars()  # else a bar left open mid-training shares the error's line on stderr
         print(f"trl-flow: error: {error}", file=sys.stderr)

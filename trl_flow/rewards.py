@@ -8,6 +8,8 @@ A reward spec is one of:
 - a Python file and a function in it, `path/to/file.py:function` (relative paths are relative to `base_dir`,
   by default the current directory). The file is imported under a module name derived from its absolute path,
   so the same file always yields the same module. Its folder is not added to `sys.path`.
+- the URL of a reward server, `http://host:port/NAME` (or `https://...`), as printed by
+  `trl-flow serve-reward NAME`: the reward is computed by that server (see `trl_flow.serve.remote_reward`).
 
 If the named attribute is a class, it is instantiated without arguments and the instance must be
 callable (handy for rewards that load a model once).
@@ -52,7 +54,8 @@ _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 def _forms_hint() -> str:
     return (
         f"Use a built-in reward ({', '.join(list_builtin_rewards())}), an import path "
-        "'package.module:function', or a file 'path/to/file.py:function'."
+        "'package.module:function', a file 'path/to/file.py:function', or a reward server "
+        "'http://host:port/NAME'."
     )
 
 
@@ -100,6 +103,10 @@ def resolve_reward_func(
             f"reward_funcs entry {spec!r} is a {type(spec).__name__}, not a name or path. " + _forms_hint()
         )
     spec = spec.strip()
+    if spec.startswith(("http://", "https://")):
+        from trl_flow.serve import remote_reward
+
+        return remote_reward(spec)
     if spec in BUILTIN_REWARDS:
         return get_builtin_reward(spec)
     if ":" not in spec:

@@ -33,6 +33,7 @@ from .models import FlowModelAdapter, adapter_for_pipeline
 from .policy import DiffusionPolicy
 from .rewards import call_reward_func, resolve_reward_funcs, validate_rewards
 from .sde import (
+    SDEStepOutput,
     clipped_policy_loss,
     group_relative_advantages,
     kl_between_steps,
@@ -143,7 +144,6 @@ class FlowGRPOTrainer(GRPOTrainer):
 
         for module in self.adapter.frozen_modules().values():
             module.to(self.accelerator.device)
-        self._rollout_index = 0
 
     # ------------------------------------------------------------------------------------------------ rollouts
     def _conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -156,12 +156,14 @@ class FlowGRPOTrainer(GRPOTrainer):
         return {name: tensor.index_select(0, index) for name, tensor in encoded.items()}
 
     def _rollout_seed(self, mode: str) -> int:
-        # Evaluation uses the same seeds every time (comparable across evaluations); training rollouts differ per
-        # rollout and per process, reproducibly from args.seed.
+        """Seed of a rollout batch: fixed for evaluation (comparable across evaluations); for training, a function
+        of the optimizer step and micro-step, so a resumed run draws the same rollouts as an uninterrupted one."""
         seed = self.args.seed + 7919 * self.accelerator.process_index
         if mode == "train":
-            self._rollout_index += 1
-            seed += 104729 * self._rollout_index
+            micro_step = self.state.global_step * self.args.gradient_accumulation_steps + (
+                self._step % self.args.gradient_accumulation_steps
+            )
+            seed += 104729 * (micro_step + 1)
         return seed
 
     @torch.no_grad()
@@ -305,49 +307,44 @@ class FlowGRPOTrainer(GRPOTrainer):
         with unwrapped.disable_adapter():
             yield unwrapped
 
-    def _compute_loss(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        mode = "train" if self.model.training else "eval"
-        old_log_probs = inputs.get("old_log_probs")
-        if old_log_probs is None:  # evaluation batches carry no trained steps
-            return torch.zeros((), device=self.accelerator.device)
+    def rescore_step(self, denoiser, inputs: dict[str, torch.Tensor], k: int) -> SDEStepOutput:
+        """The ``k``-th trained denoising step of a rollout batch, recomputed by ``denoiser``: its mean, std and the
+        log-prob of the recorded next latent (the training pass; also used by `trl-flow doctor`)."""
         conditioning = {
             name[len(_CONDITIONING_PREFIX) :]: tensor
             for name, tensor in inputs.items()
             if name.startswith(_CONDITIONING_PREFIX)
         }
+        latents, sigma = inputs["latents"][:, k], inputs["sigmas"][:, k]
+        velocity = self.adapter.predict_velocity(denoiser, latents, sigma, conditioning, self.args.guidance_scale)
+        return sde_step_with_logprob(
+            velocity,
+            sigma,
+            inputs["sigmas_next"][:, k],
+            latents,
+            self.args.noise_level,
+            prev_sample=inputs["next_latents"][:, k],
+        )
+
+    def _compute_loss(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mode = "train" if self.model.training else "eval"
+        old_log_probs = inputs.get("old_log_probs")
+        if old_log_probs is None:  # evaluation batches carry no trained steps
+            return torch.zeros((), device=self.accelerator.device)
         advantages = inputs["advantages"]
-        args = self.args
         num_steps = old_log_probs.shape[1]
 
         total_loss = 0.0
         kls, low_clipped, high_clipped, ratio_deviation = [], [], [], []
         for k in range(num_steps):
-            latents, sigma, sigma_next = (
-                inputs["latents"][:, k],
-                inputs["sigmas"][:, k],
-                inputs["sigmas_next"][:, k],
-            )
-            velocity = self.adapter.predict_velocity(model, latents, sigma, conditioning, args.guidance_scale)
-            step = sde_step_with_logprob(
-                velocity,
-                sigma,
-                sigma_next,
-                latents,
-                args.noise_level,
-                prev_sample=inputs["next_latents"][:, k],
-            )
+            step = self.rescore_step(model, inputs, k)
             clipped = clipped_policy_loss(
                 step.log_prob, old_log_probs[:, k], advantages, self.epsilon_low, self.epsilon_high
             )
             step_loss = clipped.loss.mean()
             if self.beta != 0.0:
                 with torch.no_grad(), self._reference_denoiser(model) as reference:
-                    ref_velocity = self.adapter.predict_velocity(
-                        reference, latents, sigma, conditioning, args.guidance_scale
-                    )
-                ref_mean = sde_step_with_logprob(
-                    ref_velocity, sigma, sigma_next, latents, args.noise_level, prev_sample=step.prev_sample
-                ).mean
+                    ref_mean = self.rescore_step(reference, inputs, k).mean
                 kl = kl_between_steps(step.mean, ref_mean, step.std)
                 step_loss = step_loss + self.beta * kl.mean()
                 kls.append(kl.detach())

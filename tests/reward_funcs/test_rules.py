@@ -152,8 +152,9 @@ def test_jpeg_accepts_numpy_arrays() -> None:
 
 def test_registry_names() -> None:
     expected = ["brightness", "jpeg_compressibility", "jpeg_incompressibility", "prompt_color"]
-    assert list_builtin_rewards() == expected
-    assert sorted(BUILTIN_REWARDS) == expected
+    model_based = ["aesthetic", "clipscore", "geneval", "hps", "imagereward", "ocr", "pickscore", "vlm_judge"]
+    assert list_builtin_rewards() == sorted(expected + model_based)
+    assert sorted(BUILTIN_REWARDS) == sorted(expected + model_based)
     for name in expected:
         func = get_builtin_reward(name)
         assert callable(func)

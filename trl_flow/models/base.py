@@ -101,3 +101,24 @@ class FlowModelAdapter(ABC):
             transformer_lora_adapter_metadata=lora_config,
             safe_serialization=True,
         )
+
+    def reference_images(
+        self,
+        prompts: list[str],
+        num_inference_steps: int,
+        guidance_scale: float,
+        height: int,
+        width: int,
+        max_sequence_length: int,
+        seed: int,
+    ) -> list[Image.Image]:
+        """The family's own pipeline call (deterministic sampler), which noise-level-0 rollouts must reproduce."""
+        return self.pipeline(
+            prompts,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            max_sequence_length=max_sequence_length,
+            generator=torch.Generator().manual_seed(seed),
+        ).images

@@ -1,0 +1,58 @@
+"""Tests for the registry of model-based rewards and for the optional-package rewards (imagereward, hps).
+
+Only the error for a missing package is tested: the packages themselves are heavy and not installed in CI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import reward_funcs
+from reward_funcs import BUILTIN_REWARDS, get_builtin_reward
+from reward_funcs.hps import make_hps
+from reward_funcs.imagereward import make_imagereward
+from trl_flow.errors import UserInputError
+from trl_flow.rewards import resolve_reward_func, reward_func_name
+
+MODEL_REWARDS = ["aesthetic", "clipscore", "geneval", "hps", "imagereward", "ocr", "pickscore", "vlm_judge"]
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_registry_entries(name: str) -> None:
+    func = get_builtin_reward(name)
+    assert BUILTIN_REWARDS[name] == f"reward_funcs.{name}:{name}"
+    assert callable(func) and func.__name__ == name == reward_func_name(func)
+    assert not isinstance(func, torch.nn.Module)  # TRL would treat a Module as a text reward model
+    assert resolve_reward_func(name) is func
+    factory = getattr(sys.modules[f"reward_funcs.{name}"], f"make_{name}")
+    assert factory(name=f"my_{name}").__name__ == f"my_{name}"
+
+
+def test_importing_model_rewards_loads_nothing_heavy() -> None:
+    root = Path(reward_funcs.__file__).resolve().parent.parent
+    modules = ", ".join(f"reward_funcs.{name}" for name in MODEL_REWARDS)
+    code = (
+        f"import sys, {modules}, trl_flow.serve; "
+        "print(*[m in sys.modules for m in ('torch', 'transformers', 'PIL', 'rapidocr_onnxruntime')])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    assert out == ["False", "False", "False", "False"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "blocked", "extra"),
+    [(make_imagereward, "ImageReward", "imagereward"), (make_hps, "hpsv2", "hps")],
+)
+def test_missing_package_names_the_extra(factory, blocked: str, extra: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, blocked, None)  # makes `import <blocked>` fail even if installed
+    reward = factory()  # creating the reward imports nothing
+    with pytest.raises(UserInputError, match=rf"pip install 'trl-flow\[{extra}\]'"):
+        reward(["a cat"], [Image.new("RGB", (8, 8))])
