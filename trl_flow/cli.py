@@ -286,6 +286,8 @@ commands:
                                                  --accelerate_config ddp|zero2|zero3|FILE relaunches
                                                  through accelerate; --help lists every key)
   doctor --recipe RECIPE.yaml [--key value ...] pre-flight checks of a recipe (exit 1 if one fails)
+  serve-reward NAME [--host H] [--port P] [--token T]
+                                                serve a reward over HTTP (use as http://H:P/NAME)
   env                                           print versions for bug reports
 """
 
@@ -307,11 +309,15 @@ def main(argv: list[str] | None = None) -> int:
             return grpo(rest)
         if command == "env":
             return env()
+        if command == "serve-reward":
+            from .serve import main_serve_reward
+
+            return main_serve_reward(rest)
         if command == "doctor":
             from .doctor import doctor
 
             return doctor(rest)
-        raise UserInputError(f"unknown command {command!r}; commands: grpo, doctor, env")
+        raise UserInputError(f"unknown command {command!r}; commands: grpo, doctor, serve-reward, env")
     except UserInputError as error:
         _close_progress_bars()  # else a bar left open mid-training shares the error's line on stderr
         print(f"trl-flow: error: {error}", file=sys.stderr)

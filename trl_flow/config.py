@@ -94,6 +94,13 @@ class FlowGRPOConfig(GRPOConfig):
             "None = the whole local generation batch at once."
         },
     )
+    async_rewards: bool = field(
+        default=False,
+        metadata={
+            "help": "Score each rollout chunk (rollout_batch_size) in a worker thread while the next chunk denoises. "
+            "Pays off when rewards wait on a server or another device; see benchmarks/async_rewards.py."
+        },
+    )
     advantage_clip: float | None = field(
         default=5.0, metadata={"help": "Clip advantages to [-advantage_clip, advantage_clip] (Flow-GRPO: 5)."}
     )

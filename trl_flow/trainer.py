@@ -18,9 +18,11 @@ import contextlib
 import copy
 import functools
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather, gather_object
 from diffusers import DiffusionPipeline
 from peft import PeftConfig, get_peft_model_state_dict
 from trl import GRPOTrainer
@@ -203,9 +205,18 @@ class FlowGRPOTrainer(GRPOTrainer):
         return latents, trajectory
 
     def _rollout(
-        self, prompts: list[str], num_steps: int, noise_level: float, trained_steps: range, seed: int
+        self,
+        prompts: list[str],
+        num_steps: int,
+        noise_level: float,
+        trained_steps: range,
+        seed: int,
+        on_chunk_decoded: Callable[[int, list], None] | None = None,
     ) -> tuple[list, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Images, per-step trajectories and conditioning for ``prompts``, in chunks of ``rollout_batch_size``."""
+        """Images, per-step trajectories and conditioning for ``prompts``, in chunks of ``rollout_batch_size``.
+
+        ``on_chunk_decoded(start, images)`` is called as soon as a chunk's images exist (to score them while the
+        next chunk denoises)."""
         conditioning = self._conditioning(prompts)
         chunk = self.args.rollout_batch_size or len(prompts)
         generator = torch.Generator().manual_seed(seed)
@@ -218,7 +229,10 @@ class FlowGRPOTrainer(GRPOTrainer):
                 final_latents, trajectory = self._denoise(
                     denoiser, part, num_steps, noise_level, trained_steps, generator
                 )
-                images.extend(self.adapter.decode_latents(final_latents))
+                chunk_images = self.adapter.decode_latents(final_latents)
+                if on_chunk_decoded is not None:
+                    on_chunk_decoded(start, chunk_images)
+                images.extend(chunk_images)
                 trajectories.append(trajectory)
         steps = {name: torch.cat([t[name] for t in trajectories]) for name in trajectories[0]}
         return images, steps, conditioning
@@ -247,11 +261,24 @@ class FlowGRPOTrainer(GRPOTrainer):
             )
         else:
             num_steps, noise_level, trained_steps = args.eval_num_inference_steps, 0.0, range(0)
-        images, batch, conditioning = self._rollout(
-            prompts, num_steps, noise_level, trained_steps, self._rollout_seed(mode)
-        )
+        seed = self._rollout_seed(mode)
+        if args.async_rewards:
+            # Score each chunk in a worker thread while the next chunk denoises (as the official code overlaps
+            # rewards with sampling); one gather over processes at the end, as in the synchronous path.
+            with ThreadPoolExecutor(max_workers=1) as executor:
+                futures = []
 
-        rewards_per_func = self._calculate_rewards(inputs, prompts, images, [None] * len(prompts))
+                def score(start: int, chunk_images: list) -> None:
+                    rows = inputs[start : start + len(chunk_images)]
+                    futures.append(executor.submit(self._score_locally, rows, chunk_images))
+
+                images, batch, conditioning = self._rollout(
+                    prompts, num_steps, noise_level, trained_steps, seed, on_chunk_decoded=score
+                )
+                rewards_per_func = gather(torch.cat([future.result() for future in futures]))
+        else:
+            images, batch, conditioning = self._rollout(prompts, num_steps, noise_level, trained_steps, seed)
+            rewards_per_func = self._calculate_rewards(inputs, prompts, images, [None] * len(prompts))
         advantages = self._advantages_and_reward_metrics(rewards_per_func, mode)
         process_slice = slice(
             self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts)
@@ -269,6 +296,26 @@ class FlowGRPOTrainer(GRPOTrainer):
         batch.update({_CONDITIONING_PREFIX + name: tensor for name, tensor in conditioning.items()})
         batch["advantages"] = advantages[process_slice].to(self.accelerator.device)
         return batch
+
+    def _score_locally(self, inputs: list[dict], images: list) -> torch.Tensor:
+        """Rewards of this process's images, (n, num_reward_funcs), not gathered; TRL's calling convention (dataset
+        columns and trainer_state as keywords, None -> NaN). Our reward functions are always validated plain
+        callables, so TRL's reward-model and event-loop branches do not apply here."""
+        prompts = [row["prompt"] for row in inputs]
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
+        scores = torch.zeros(len(images), len(self.reward_funcs))
+        for i, func in enumerate(self.reward_funcs):
+            values = func(
+                prompts=prompts,
+                completions=images,
+                completion_ids=[None] * len(images),
+                trainer_state=self.state,
+                log_extra=self._log_completion_extra,
+                log_metric=self._log_metric,
+                **columns,
+            )
+            scores[:, i] = torch.tensor([torch.nan if v is None else v for v in values], dtype=torch.float32)
+        return scores.to(self.accelerator.device)
 
     def _advantages_and_reward_metrics(self, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
         """Group-relative advantages of the gathered rewards (all processes), and TRL's reward metrics."""

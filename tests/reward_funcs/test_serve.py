@@ -175,10 +175,9 @@ def test_main_serve_reward_user_error(capsys: pytest.CaptureFixture[str]) -> Non
 def test_main_serve_reward_serves_until_stopped() -> None:
     root = Path(reward_funcs.__file__).resolve().parent.parent
     port = free_port()
-    code = "import sys; from trl_flow.serve import main_serve_reward; sys.exit(main_serve_reward(sys.argv[1:]))"
     env = {**os.environ, TOKEN_ENV: "t0ken"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, "brightness", "--port", str(port)],
+    process = subprocess.Popen(  # the real console-script path: `trl-flow serve-reward brightness --port P`
+        [sys.executable, "-m", "trl_flow.cli", "serve-reward", "brightness", "--port", str(port)],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
