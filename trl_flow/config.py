@@ -87,6 +87,21 @@ class FlowGRPOConfig(GRPOConfig):
             "max(1, int(num_inference_steps * timestep_fraction)) steps are (0.99 of 10 -> 9, as the paper)."
         },
     )
+    sde_window_size: int = field(
+        default=0,
+        metadata={
+            "help": "Fast mode (as Flow-GRPO-Fast / MixGRPO): 0 = SDE on every step and train the first "
+            "num_trained_steps (the paper); k > 0 = SDE and training only on a window of k consecutive steps, "
+            "ODE elsewhere; the window start slides over sde_window_range."
+        },
+    )
+    sde_window_range: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "[low, high): where a fast-mode window may start. Default [0, num_inference_steps // 2] "
+            "(the high-noise half of the schedule, where the official fast recipes put it)."
+        },
+    )
     rollout_batch_size: int | None = field(
         default=None,
         metadata={
@@ -169,4 +184,6 @@ class FlowGRPOConfig(GRPOConfig):
     @property
     def num_trained_steps(self) -> int:
         """How many denoising steps of each rollout are trained."""
+        if self.sde_window_size:
+            return self.sde_window_size
         return max(1, int(self.num_inference_steps * self.timestep_fraction))

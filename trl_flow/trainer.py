@@ -168,6 +168,22 @@ class FlowGRPOTrainer(GRPOTrainer):
             seed += 104729 * (micro_step + 1)
         return seed
 
+    def _trained_steps(self) -> range:
+        """Which denoising steps of this rollout batch are trained: the first `num_trained_steps` (the paper), or in
+        fast mode a window of `sde_window_size` steps whose start slides over `sde_window_range` from batch to batch
+        (the same on every process, reproducible from the seed and the step)."""
+        args = self.args
+        if not args.sde_window_size:
+            return range(args.num_trained_steps)
+        low, high = args.sde_window_range or (0, args.num_inference_steps // 2)
+        high = min(high, args.num_inference_steps - args.sde_window_size + 1)
+        micro_step = self.state.global_step * args.gradient_accumulation_steps + (
+            self._step % args.gradient_accumulation_steps
+        )
+        generator = torch.Generator().manual_seed(args.seed + 104729 * (micro_step + 1))
+        start = int(torch.randint(low, max(high, low + 1), (1,), generator=generator))
+        return range(start, start + args.sde_window_size)
+
     @torch.no_grad()
     def _denoise(
         self,
@@ -187,8 +203,10 @@ class FlowGRPOTrainer(GRPOTrainer):
         for i in range(num_steps):
             sigma = sigmas[i].expand(batch_size)
             velocity = self.adapter.predict_velocity(denoiser, latents, sigma, conditioning, args.guidance_scale)
+            # Fast mode (sde_window_size > 0): the SDE only inside the trained window, the ODE elsewhere.
+            step_noise = noise_level if (i in trained_steps or not args.sde_window_size) else 0.0
             step = sde_step_with_logprob(
-                velocity, sigmas[i], sigmas[i + 1], latents, noise_level=noise_level, generator=generator
+                velocity, sigmas[i], sigmas[i + 1], latents, noise_level=step_noise, generator=generator
             )
             if i in trained_steps:
                 record["latents"].append(latents)
@@ -253,15 +271,11 @@ class FlowGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         prompts = [example["prompt"] for example in inputs]
         args = self.args
+        seed = self._rollout_seed(mode)
         if mode == "train":
-            num_steps, noise_level, trained_steps = (
-                args.num_inference_steps,
-                args.noise_level,
-                range(args.num_trained_steps),
-            )
+            num_steps, noise_level, trained_steps = args.num_inference_steps, args.noise_level, self._trained_steps()
         else:
             num_steps, noise_level, trained_steps = args.eval_num_inference_steps, 0.0, range(0)
-        seed = self._rollout_seed(mode)
         if args.async_rewards:
             # Score each chunk in a worker thread while the next chunk denoises (as the official code overlaps
             # rewards with sampling); one gather over processes at the end, as in the synchronous path.
