@@ -203,10 +203,30 @@ def build_trainer(script_args, training_args, model_args):
     )
 
 
+def describe_setup(trainer) -> str:
+    """One line on how the run is laid out: processes, engine, and the batch quantities that define the algorithm."""
+    from .doctor import effective_quantities
+
+    accelerator = trainer.accelerator
+    engine = str(accelerator.distributed_type).split(".")[-1]
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        engine += f", ZeRO-{plugin.zero_stage}"
+    quantities = effective_quantities(trainer.args, accelerator.num_processes)
+    return (
+        f"setup: {accelerator.num_processes} process(es) ({engine}); "
+        f"{quantities['unique prompts per rollout batch']:g} prompts x {quantities['images per prompt']:g} images "
+        f"per rollout batch; {quantities['images per optimizer update']:g} images per optimizer update; "
+        f"{quantities['optimizer updates per rollout batch']:g} updates per rollout batch"
+    )
+
+
 def _train(script_args, training_args, model_args) -> int:
     from .reporting import save_reward_curve, save_sample_grid
 
     trainer = build_trainer(script_args, training_args, model_args)
+    if trainer.accelerator.is_main_process:
+        print(describe_setup(trainer), flush=True)
     trainer.train()
     trainer.save_model(training_args.output_dir)
     if not trainer.accelerator.is_main_process:

@@ -40,7 +40,8 @@ class Check:
     fix: str = ""
 
 
-def _effective_quantities(args, world_size: int) -> dict[str, float]:
+def effective_quantities(args, world_size: int) -> dict[str, float]:
+    """The batch quantities that define the algorithm, over all processes."""
     images = args.generation_batch_size
     return {
         "processes": world_size,
@@ -220,7 +221,7 @@ def run_doctor(script_args, training_args, model_args) -> list[Check]:
     batch = trainer._generate_and_score_completions(inputs)
     checks.extend(check_on_policy_ratio(trainer, batch))
     checks.extend(check_rewards(trainer, inputs))
-    ours = _effective_quantities(trainer.args, trainer.accelerator.num_processes)
+    ours = effective_quantities(trainer.args, trainer.accelerator.num_processes)
     for key, value in ours.items():
         checks.append(Check(key, f"{value:g} (paper: {PAPER_QUANTITIES[key]:g})", INFO))
     checks.append(check_step_memory(trainer, batch))
