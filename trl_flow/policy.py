@@ -51,8 +51,20 @@ class DiffusionPolicy(nn.Module):
         # diffusers checkpoints with use_reentrant=False, which needs no input requiring grad.
         pass
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """What `transformers.Trainer` calls for `gradient_checkpointing=True`: diffusers' own block checkpointing
+        (non-reentrant). `every_n_layers`/`offload` have no diffusers equivalent and are refused when changed."""
+        if every_n_layers != 1 or offload:
+            raise ValueError(
+                "diffusers checkpoints every transformer block, on the device: leave every_n_layers and "
+                "offload at their defaults"
+            )
         self.denoiser.enable_gradient_checkpointing()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         self.denoiser.disable_gradient_checkpointing()

@@ -1,0 +1,88 @@
+"""Peak memory of a Flow-GRPO training step: LoRA and full fine-tuning, with and without gradient checkpointing.
+
+Each configuration runs in its own process (peak RSS is per process on CPU; on a GPU the torch allocator's peak is
+reported). The figure is the peak during one rollout + training micro-step minus the memory after set-up.
+Run: python benchmarks/memory.py [--size small|medium] [--images 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def measure(size: str, images: int, lora: bool, checkpointing: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from benchmarks.common import build_pipeline, peak_rss_mb
+    from trl_flow import FlowGRPOConfig, FlowGRPOTrainer
+
+    pipe, resolution = build_pipeline(size)
+    config = FlowGRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        report_to=[],
+        height=resolution,
+        width=resolution,
+        max_sequence_length=128,
+        num_generations=images,
+        per_device_train_batch_size=images,
+        beta=0.0 if not lora else 0.04,
+        gradient_checkpointing=checkpointing,
+    )
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    peft_config = LoraConfig(r=32, lora_alpha=64, target_modules=targets) if lora else None
+    trainer = FlowGRPOTrainer(
+        pipe, ["brightness"], config, train_dataset=Dataset.from_dict({"prompt": ["a red image"]}),
+        peft_config=peft_config,
+    )  # fmt: skip
+    if checkpointing:
+        trainer.model.activation_checkpointing_enable()
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    device = trainer.accelerator.device
+    before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch = trainer._generate_and_score_completions([{"prompt": "a red image"}] * images)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    after = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+    return {"set-up MB": round(before), "step peak MB": round(after), "step adds MB": round(after - before)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="medium", choices=["small", "medium"])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration in this process
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.one:
+        lora, checkpointing = (part == "1" for part in args.one.split(","))
+        print(json.dumps(measure(args.size, args.images, lora, checkpointing)))
+        return
+
+    from benchmarks.common import machine
+
+    print(f"machine: {machine()}")
+    print(f"model: {args.size} SD3-shaped, {args.images} images per micro-step, 10 SDE steps, 9 trained, CFG 4.5")
+    for lora in (True, False):
+        for checkpointing in (False, True):
+            command = [sys.executable, "-m", "benchmarks.memory", "--size", args.size, "--images", str(args.images),
+                       "--one", f"{int(lora)},{int(checkpointing)}"]  # fmt: skip
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+            figures = json.loads(output[-1])
+            name = (
+                f"{'LoRA r32' if lora else 'full fine-tune'}, gradient checkpointing {'on' if checkpointing else 'off'}"
+            )
+            print(f"{name:<48} {figures}")
+
+
+if __name__ == "__main__":
+    main()
