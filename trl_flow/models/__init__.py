@@ -4,23 +4,41 @@ from __future__ import annotations
 
 from ..errors import UserInputError
 from .base import Conditioning, DenoiserCall, FlowModelAdapter
+from .flux import FluxAdapter
+from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: dict[str, type[FlowModelAdapter]] = {"sd3": SD3Adapter}
+#: Adapters by family name: the ``model_family`` a recipe (or ``FlowGRPOTrainer(model_family=...)``) may force.
+ADAPTERS: dict[str, type[FlowModelAdapter]] = {
+    "sd3": SD3Adapter,
+    "flux": FluxAdapter,
+    "qwen_image": QwenImageAdapter,
+}
+
+
+def _supported() -> str:
+    classes = ", ".join(sorted(name for cls in ADAPTERS.values() for name in cls.pipeline_class_names))
+    return f"supported pipelines: {classes} (model_family: {', '.join(ADAPTERS)})"
 
 
 def adapter_for_pipeline(pipeline, family: str | None = None) -> FlowModelAdapter:
-    """The adapter for ``pipeline``: by ``family`` name if given, otherwise by the pipeline's class name."""
+    """The adapter for ``pipeline``: by ``family`` name if given, otherwise by the pipeline's class.
+
+    Automatic selection matches the pipeline's class name, or the name of one of its base classes, so a subclass of
+    e.g. ``FluxPipeline`` is served by the FLUX adapter. Forcing a family skips the check, for pipelines whose class
+    is unknown here but which follow that family's interface.
+    """
     if family is not None:
         if family not in ADAPTERS:
-            raise UserInputError(f"Unknown model family {family!r}; supported: {', '.join(sorted(ADAPTERS))}.")
+            raise UserInputError(f"Unknown model family {family!r}; {_supported()}.")
         return ADAPTERS[family](pipeline)
-    class_name = type(pipeline).__name__
-    for adapter_class in ADAPTERS.values():
-        if class_name in adapter_class.pipeline_class_names:
-            return adapter_class(pipeline)
-    supported = sorted(name for cls in ADAPTERS.values() for name in cls.pipeline_class_names)
-    raise UserInputError(f"Pipeline class {class_name} is not supported; supported: {', '.join(supported)}.")
+    for cls in type(pipeline).__mro__:
+        for adapter_class in ADAPTERS.values():
+            if cls.__name__ in adapter_class.pipeline_class_names:
+                return adapter_class(pipeline)
+    raise UserInputError(
+        f"Pipeline class {type(pipeline).__name__} is not supported; {_supported()}. Set model_family to force one."
+    )
 
 
 __all__ = [
@@ -28,6 +46,8 @@ __all__ = [
     "Conditioning",
     "DenoiserCall",
     "FlowModelAdapter",
+    "FluxAdapter",
+    "QwenImageAdapter",
     "SD3Adapter",
     "adapter_for_pipeline",
 ]

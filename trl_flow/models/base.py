@@ -62,7 +62,12 @@ class FlowModelAdapter(ABC):
     def prepare_latents(
         self, batch_size: int, height: int, width: int, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Initial noise, drawn exactly as the family's pipeline draws it (same generator, same shapes)."""
+        """Initial noise, drawn exactly as the family's pipeline draws it (same generator calls, same values).
+
+        The layout is the adapter's choice: the trainer only needs it batch-first, passes it back unchanged to
+        ``predict_velocity``/``decode_latents`` and treats the SDE step element-wise. Packed-latent families (FLUX,
+        Qwen-Image) keep it spatial, ``(B, C, H, W)``, and pack it for their transformer (see ``packed.py``).
+        """
 
     @abstractmethod
     def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
