@@ -25,6 +25,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "brightness": "reward_funcs.rules:brightness",
     "jpeg_compressibility": "reward_funcs.rules:jpeg_compressibility",
     "jpeg_incompressibility": "reward_funcs.rules:jpeg_incompressibility",
+    "mini_geneval": "reward_funcs.mini_geneval:mini_geneval",
     "prompt_color": "reward_funcs.rules:prompt_color",
     # model-based: each module's object loads its model on first call (see docs/rewards.md)
     "aesthetic": "reward_funcs.aesthetic:aesthetic",

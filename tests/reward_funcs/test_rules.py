@@ -153,8 +153,9 @@ def test_jpeg_accepts_numpy_arrays() -> None:
 def test_registry_names() -> None:
     expected = ["brightness", "jpeg_compressibility", "jpeg_incompressibility", "prompt_color"]
     model_based = ["aesthetic", "clipscore", "geneval", "hps", "imagereward", "ocr", "pickscore", "vlm_judge"]
-    assert list_builtin_rewards() == sorted(expected + model_based)
-    assert sorted(BUILTIN_REWARDS) == sorted(expected + model_based)
+    other_rules = ["mini_geneval"]  # reward_funcs/mini_geneval.py
+    assert list_builtin_rewards() == sorted(expected + model_based + other_rules)
+    assert sorted(BUILTIN_REWARDS) == sorted(expected + model_based + other_rules)
     for name in expected:
         func = get_builtin_reward(name)
         assert callable(func)
