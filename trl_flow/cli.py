@@ -21,8 +21,8 @@ import yaml
 from .errors import UserInputError
 
 # Names usable in recipes instead of a hub id / path: things trl-flow builds or ships, so the demo needs no download.
-BUILTIN_MODELS = ("trl-flow/tiny-sd3",)
-BUILTIN_DATASETS = ("trl-flow/tiny-prompts",)
+BUILTIN_MODELS = ("trl-flow/tiny-sd3", "trl-flow/mini-geneval")
+BUILTIN_DATASETS = ("trl-flow/tiny-prompts", "trl-flow/mini-geneval-prompts")
 ACCELERATE_CONFIG_NAMES = {"ddp": "multi_gpu.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
 
 
@@ -34,7 +34,7 @@ class FlowScriptArguments:
         default=None,
         metadata={
             "help": "Prompts: a hub dataset id, a local .txt/.jsonl/.json/.csv/.parquet file, a flow_grpo-style "
-            "folder (train.txt/test.txt or *_metadata.jsonl), or trl-flow/tiny-prompts."
+            "folder (train.txt/test.txt or *_metadata.jsonl), trl-flow/tiny-prompts or trl-flow/mini-geneval-prompts."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -136,6 +136,10 @@ def _resolve_model(name: str) -> str:
         from .tiny import ensure_tiny_sd3
 
         return str(ensure_tiny_sd3())
+    if name == "trl-flow/mini-geneval":  # ships with the package (trl_flow/mini/pretrained)
+        from .mini.model import ensure_mini_sd3
+
+        return str(ensure_mini_sd3())
     return name
 
 
@@ -148,12 +152,18 @@ def _load_datasets(script_args, training_args):
         train = load_prompt_dataset(str(TINY_PROMPTS_PATH))
         evaluation = load_prompt_dataset(str(TINY_EVAL_PROMPTS_PATH))
     else:
+        name = script_args.dataset_name
+        if name == "trl-flow/mini-geneval-prompts":  # the shipped folder: train/test_metadata.jsonl
+            from .mini.data import PROMPTS_DIR
+
+            name = str(PROMPTS_DIR)
         load = dict(dataset_config=script_args.dataset_config, prompt_column=script_args.prompt_column)
-        train = load_prompt_dataset(script_args.dataset_name, split=script_args.dataset_train_split, **load)
+        train = load_prompt_dataset(name, split=script_args.dataset_train_split, **load)
         evaluation = None
-        if training_args.eval_strategy != "no":
-            evaluation = load_prompt_dataset(script_args.dataset_name, split=script_args.dataset_test_split, **load)
-    return train, (evaluation if training_args.eval_strategy != "no" else None)
+        if training_args.eval_strategy != "no" or training_args.eval_on_start:
+            evaluation = load_prompt_dataset(name, split=script_args.dataset_test_split, **load)
+    wants_eval = training_args.eval_strategy != "no" or training_args.eval_on_start
+    return train, (evaluation if wants_eval else None)
 
 
 def _clean_failed_output(output_dir: Path, existed_before: bool) -> None:
@@ -184,9 +194,10 @@ def build_trainer(script_args, training_args, model_args):
     """The FlowGRPOTrainer a recipe describes (rewards, datasets, pipeline, LoRA), shared by `grpo` and `doctor`."""
     from .models import adapter_for_pipeline
     from .rewards import resolve_reward_funcs
-    from .trainer import FlowGRPOTrainer, load_pipeline
+    from .trainer import FlowGRPOTrainer, check_hub_access, load_pipeline
 
     # Everything the user typed is checked before the long model load and before any output is written.
+    check_hub_access(training_args)
     reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
     train_dataset, eval_dataset = _load_datasets(script_args, training_args)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else None
@@ -221,20 +232,48 @@ def describe_setup(trainer) -> str:
     )
 
 
+def _resume_checkpoint(training_args) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or true for the latest complete one in output_dir."""
+    from .trainer import latest_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    text = "" if value is None else str(value).strip()
+    if text.lower() in ("", "false", "no", "none", "0"):
+        return None
+    if text.lower() in ("true", "yes", "1", "latest"):
+        checkpoint = latest_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            raise UserInputError(
+                f"--resume_from_checkpoint true: no complete checkpoint-N folder in {training_args.output_dir} "
+                "(checkpoints are written every save_steps with save_strategy: steps)"
+            )
+        return checkpoint
+    if not (Path(text) / "trainer_state.json").is_file():
+        raise UserInputError(
+            f"--resume_from_checkpoint {text}: not a complete checkpoint folder (no trainer_state.json)"
+        )
+    return text
+
+
 def _train(script_args, training_args, model_args) -> int:
     from .reporting import save_reward_curve, save_sample_grid
 
+    resume_from = _resume_checkpoint(training_args)
     trainer = build_trainer(script_args, training_args, model_args)
     if trainer.accelerator.is_main_process:
         print(describe_setup(trainer), flush=True)
-    trainer.train()
+        if resume_from is not None:
+            print(f"resuming from {resume_from}", flush=True)
+    trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(training_args.output_dir)
     if not trainer.accelerator.is_main_process:
         return 0
     trainer.save_state()
+    trainer.create_model_card()
     output_dir = Path(training_args.output_dir)
     curve = save_reward_curve(trainer.state.log_history, output_dir / "reward_curve.png")
-    grid = save_sample_grid(trainer.sample_images(), output_dir / "samples.png")
+    images = trainer.sample_images()  # none when a resumed run only finished a buffered generation batch
+    grid = save_sample_grid(images, output_dir / "samples.png") if images else "none (no rollout in this run)"
     print(summarize_rewards(trainer.state.log_history))
     print(f"LoRA / model, trainer_state.json: {output_dir}")
     print(f"reward curve: {curve}\nsample grid: {grid}")

@@ -120,6 +120,26 @@ class FlowGRPOConfig(GRPOConfig):
         default=5.0, metadata={"help": "Clip advantages to [-advantage_clip, advantage_clip] (Flow-GRPO: 5)."}
     )
 
+    # Lifecycle: evaluation samples, EMA
+    eval_images_to_log: int = field(
+        default=16,
+        metadata={
+            "help": "At each evaluation, how many evaluation samples (image, prompt, rewards) are saved as a grid in "
+            "output_dir/samples/ and logged to the image-capable trackers of report_to. 0 = none."
+        },
+    )
+    ema: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an exponential moving average of the trained weights (as the official Flow-GRPO code): "
+            "evaluation uses it, and checkpoints and the final output hold it in ema/ beside the raw weights."
+        },
+    )
+    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay (Flow-GRPO: 0.9)."})
+    ema_update_every: int = field(
+        default=8, metadata={"help": "Update the EMA every N optimizer steps (Flow-GRPO: 8)."}
+    )
+
     # GRPO / Trainer fields whose defaults change for flow models
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (Flow-GRPO LoRA recipes: 3e-4)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (Flow-GRPO: 1e-4)."})
@@ -168,6 +188,9 @@ class FlowGRPOConfig(GRPOConfig):
                 self.rollout_batch_size is None or self.rollout_batch_size >= 1,
                 "rollout_batch_size must be >= 1",
             ),
+            (self.eval_images_to_log >= 0, "eval_images_to_log must be >= 0"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+            (self.ema_update_every >= 1, "ema_update_every must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -59,3 +59,61 @@ def save_reward_curve(log_history: list[dict], path: str | os.PathLike) -> Path:
         return _write_atomically(lambda p: figure.savefig(p, format="png"), Path(path))
     finally:
         plt.close(figure)
+
+
+def model_card_markdown(
+    *,
+    base_model: str | None,
+    reward_weights: dict[str, float],
+    recipe: dict,
+    final_metrics: dict[str, float],
+    eval_metrics: dict[str, float],
+    global_step: int,
+    is_lora: bool,
+    has_ema: bool,
+    repo_id: str | None = None,
+    tags: list[str] | None = None,
+) -> str:
+    """A model card (README.md, with hub metadata) for a Flow-GRPO run: base model, rewards, recipe, final metrics,
+    and how to load the result in diffusers."""
+    import yaml
+
+    metadata: dict = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": tags or []}
+    if base_model:
+        metadata["base_model"] = base_model
+    where = repo_id or "path/to/this/folder"
+    pipeline_source = base_model or "path/to/the/base/pipeline"
+    if is_lora:
+        load = f'pipe = DiffusionPipeline.from_pretrained("{pipeline_source}")\npipe.load_lora_weights("{where}")' + (
+            f'  # EMA weights: pipe.load_lora_weights("{where}", subfolder="ema")' if has_ema else ""
+        )
+    else:
+        load = (
+            f'transformer = AutoModel.from_pretrained("{where}", subfolder="transformer")\n'
+            f'pipe = DiffusionPipeline.from_pretrained("{pipeline_source}", transformer=transformer)'
+        )
+
+    def table(metrics: dict[str, float]) -> str:
+        if not metrics:
+            return "(none logged)\n"
+        rows = "".join(f"| {name} | {value:.4g} |\n" for name, value in metrics.items())
+        return "| metric | value |\n|---|---|\n" + rows
+
+    rewards = "".join(f"- `{name}` (weight {weight:g})\n" for name, weight in reward_weights.items())
+    weights = "a LoRA of the denoiser" if is_lora else "the fine-tuned denoiser (`transformer/`)"
+    ema = " An exponential moving average of the weights is in `ema/`." if has_ema else ""
+    source = f"`{base_model}`" if base_model else "a local pipeline"
+    imports = "DiffusionPipeline" if is_lora else "AutoModel, DiffusionPipeline"
+    return (
+        f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n\n"
+        f"# {repo_id.split('/')[-1] if repo_id else 'Flow-GRPO model'}\n\n"
+        f"{weights[0].upper() + weights[1:]} of {source}, trained for {global_step} optimizer steps with Flow-GRPO "
+        f"(online RL for flow-matching models) using trl-flow, a subclass of TRL's `GRPOTrainer`.{ema}\n\n"
+        f"## Use it with diffusers\n\n```python\nfrom diffusers import {imports}\n\n{load}\n"
+        'image = pipe("a photo of a cat").images[0]\n```\n\n'
+        f"## Rewards\n\n{rewards}\n"
+        f"## Final metrics\n\nTraining (last log, step {global_step}):\n\n{table(final_metrics)}\n"
+        f"Evaluation (last evaluation):\n\n{table(eval_metrics)}\n"
+        f"## Training recipe\n\nSettings that differ from trl-flow's defaults:\n\n"
+        f"```yaml\n{yaml.safe_dump(recipe, sort_keys=True) if recipe else '{}'}```\n"
+    )

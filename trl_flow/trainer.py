@@ -9,26 +9,42 @@ What differs, and is overridden here:
 * `_generate_and_score_completions`: a rollout is an SDE trajectory of the diffusers pipeline; its log-probs (the
   behaviour policy's) are stored per trained denoising step; completions handed to rewards are PIL images;
 * `_compute_loss`: Flow-GRPO's loss per trained denoising step (see `trl_flow.sde`);
-* `_save`: also writes the LoRA in diffusers' format, so `pipe.load_lora_weights(output_dir)` works.
+* `_save`: also writes the LoRA in diffusers' format, so `pipe.load_lora_weights(output_dir)` works;
+* the lifecycle: checkpoints written under a temporary name and renamed when complete (`_save_checkpoint`); the
+  state an exact resume needs beyond transformers' (TRL's buffered generation batch, its micro-step counter, the
+  EMA) saved in each checkpoint and restored (`_load_optimizer_and_scheduler`); a train sampler whose shuffling
+  depends on the epoch only (`_get_train_sampler`); EMA weights swapped in for evaluation (`evaluate`); evaluation
+  samples collected for the image callbacks (`prediction_step`); a diffusers model card (`create_model_card`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
+import json
+import logging
+import math
 import os
+import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather, gather_object
 from diffusers import DiffusionPipeline
 from peft import PeftConfig, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import nanstd
+from trl.trainer.utils import RepeatSampler, nanstd
 
+from .callbacks import EMACallback, EvalSample, EvalSamplesCallback, ParameterEMA, RewardCurveCallback
 from .config import FlowGRPOConfig
 from .errors import UserInputError
 from .models import FlowModelAdapter, adapter_for_pipeline
@@ -43,6 +59,21 @@ from .sde import (
 )
 
 _CONDITIONING_PREFIX = "cond_"
+
+logger = logging.getLogger(__name__)
+
+#: A checkpoint is written as ``tmp-checkpoint-N`` and renamed to ``checkpoint-N`` once complete. transformers'
+#: ``get_last_checkpoint`` (``^checkpoint-N$``) and checkpoint rotation (``checkpoint-*``) never see the temporary name.
+CHECKPOINT_STAGING_PREFIX = "tmp-"
+_STAGING_DIR = re.compile(rf"^{CHECKPOINT_STAGING_PREFIX}(old-)?{PREFIX_CHECKPOINT_DIR}-\d+$")
+_CHECKPOINT_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+#: Files an exact resume needs beyond transformers' own: JSON state, per-process rollout buffers, the EMA.
+FLOW_STATE_NAME = "flow_trainer_state.json"
+ROLLOUT_BUFFER_NAME = "rollout_buffer-{process}.safetensors"
+EMA_STATE_NAME = "ema_state.safetensors"
+#: Sub-folder (of a checkpoint or the final output) with the EMA weights in diffusers format.
+EMA_DIR = "ema"
+_TRAINER_STATE_NAME = "trainer_state.json"
 
 
 @contextlib.contextmanager
@@ -78,6 +109,96 @@ def load_pipeline(name_or_path: str, dtype: str | torch.dtype | None = None, **k
             f"could not load the diffusers pipeline {name_or_path!r}: {type(error).__name__}: {error}. Pass a "
             "local pipeline folder (with model_index.json) or a hub id that is cached or downloadable."
         ) from error
+
+
+def check_hub_access(args) -> None:
+    """With ``push_to_hub``, fail now (not after hours of training) if the Hub is unreachable or not logged in."""
+    if not getattr(args, "push_to_hub", False):
+        return
+    from huggingface_hub import constants, whoami
+
+    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
+    if offline:
+        raise UserInputError(
+            "push_to_hub needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE): unset it, or train "
+            "without push_to_hub and upload the output folder later (`hf upload`)"
+        )
+    try:
+        whoami(token=getattr(args, "hub_token", None))
+    except Exception as error:  # network errors, 401s, missing token: all mean the push would fail at the end
+        raise UserInputError(
+            f"push_to_hub needs a reachable Hugging Face Hub and a login with write access ({type(error).__name__}: "
+            f"{error}); log in with `hf auth login` or set HF_TOKEN, or train without push_to_hub"
+        ) from error
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The complete ``checkpoint-N`` folder with the largest N in ``output_dir`` (None if there is none).
+
+    Temporary folders of an interrupted save are ignored, and so is a ``checkpoint-N`` without a trainer state
+    (e.g. written by a writer that was not atomic)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        (int(match.group(1)), path)
+        for path in folder.iterdir()
+        if (match := _CHECKPOINT_DIR.match(path.name)) and (path / _TRAINER_STATE_NAME).is_file()
+    )
+    return str(steps[-1][1]) if steps else None
+
+
+def _remove_staging_dirs(run_dir: str) -> None:
+    """Delete the temporary folders a save killed midway left behind."""
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if _STAGING_DIR.match(name):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def _publish_dir(staging_dir: str, final_dir: str) -> None:
+    """Rename a finished ``staging_dir`` to ``final_dir`` (replacing an older ``final_dir`` of the same name)."""
+    if os.path.exists(final_dir):
+        parent, name = os.path.split(final_dir)
+        old = os.path.join(parent, f"{CHECKPOINT_STAGING_PREFIX}old-{name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(staging_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging_dir, final_dir)
+    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows it
+        fd = os.open(os.path.dirname(final_dir) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler` whose shuffle for epoch ``e`` depends on the seed and ``e`` only.
+
+    TRL's sampler draws each epoch's permutation from one generator that advances with every pass, so a run
+    resumed in epoch ``e`` (a new sampler) would replay epoch 0's order. `set_epoch` (which the Trainer calls before
+    every pass, resumed or not) rewinds the generator to its seeded state and advances it by ``e`` permutations:
+    the order of an uninterrupted run is unchanged and a resumed run gets the same one.
+    """
+
+    @classmethod
+    def from_sampler(cls, sampler: RepeatSampler) -> EpochSeededRepeatSampler:
+        """Take over a freshly built `RepeatSampler` (same data, counts, seed)."""
+        new = cls.__new__(cls)
+        new.__dict__.update(sampler.__dict__)
+        new._initial_generator_state = new.generator.get_state() if new.shuffle else None
+        return new
+
+    def set_epoch(self, epoch: int) -> None:
+        """Put the generator where an uninterrupted run has it at the start of epoch ``epoch``."""
+        if self._initial_generator_state is None:
+            return
+        self.generator.set_state(self._initial_generator_state)
+        for _ in range(epoch):  # RepeatSampler.__iter__ draws exactly one permutation per pass
+            torch.randperm(self.num_samples, generator=self.generator)
 
 
 def _validated_reward(func):
@@ -125,6 +246,7 @@ class FlowGRPOTrainer(GRPOTrainer):
             args = FlowGRPOConfig(output_dir="flow-grpo")
         if not isinstance(args, FlowGRPOConfig):
             raise TypeError("FlowGRPOTrainer needs a FlowGRPOConfig, not a plain GRPOConfig")
+        check_hub_access(args)
         if isinstance(model, (str, os.PathLike)):
             model_kwargs = dict(args.model_init_kwargs or {})
             model = load_pipeline(os.fspath(model), **model_kwargs)
@@ -168,6 +290,8 @@ class FlowGRPOTrainer(GRPOTrainer):
 
         for module in self.adapter.frozen_modules().values():
             module.to(self.accelerator.device)
+
+        self._setup_lifecycle()
 
     # ------------------------------------------------------------------------------------------------ rollouts
     def _conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -328,6 +452,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         if self.log_multimodal:
             self._logs["images"].extend([[image] for image in gather_object(images)])
         self._last_images = images
+        self._last_rewards_per_func = rewards_per_func[process_slice].detach().cpu()
 
         batch.update({_CONDITIONING_PREFIX + name: tensor for name, tensor in conditioning.items()})
         batch["advantages"] = advantages[process_slice].to(self.accelerator.device)
@@ -448,10 +573,78 @@ class FlowGRPOTrainer(GRPOTrainer):
         # GRPOTrainer.loss_is_scaled_for_ga: the loss divides itself for gradient accumulation.
         return total_loss / num_steps / self.current_gradient_accumulation_steps
 
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    def _setup_lifecycle(self) -> None:
+        """EMA of the trained weights (if `args.ema`) and the lifecycle callbacks."""
+        self.eval_samples: list[EvalSample] = []
+        self._collecting_eval_samples = False
+        self.ema: ParameterEMA | None = None
+        if self.args.ema:
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+                raise UserInputError("ema does not work with DeepSpeed ZeRO-3 (the weights are sharded); use ZeRO-2")
+            trainable = [
+                (n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad
+            ]
+            self.ema = ParameterEMA(trainable, self.args.ema_decay, self.args.ema_update_every)
+            self.add_callback(EMACallback(self.ema))
+        self.add_callback(EvalSamplesCallback(self))
+        self.add_callback(RewardCurveCallback())
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within the block the model holds the EMA weights (no-op without `args.ema`); restored exactly after."""
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            yield
+
+    def _get_train_sampler(self, dataset=None):
+        """TRL's sampler, made resumable across epochs (see `EpochSeededRepeatSampler`)."""
+        sampler = super()._get_train_sampler(dataset)
+        return EpochSeededRepeatSampler.from_sampler(sampler) if type(sampler) is RepeatSampler else sampler
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """TRL's evaluation (ODE rollouts, fixed seeds), run with the EMA weights when `args.ema`; up to
+        `args.eval_images_to_log` samples are kept in `self.eval_samples` for `EvalSamplesCallback`."""
+        self.eval_samples = []
+        self._collecting_eval_samples = self.args.eval_images_to_log > 0
+        try:
+            with self.ema_weights():
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._collecting_eval_samples = False
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """TRL's evaluation step (rollout, rewards, loss), then the batch's samples kept for the image callbacks."""
+        output = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        wanted = self.args.eval_images_to_log - len(self.eval_samples)
+        if self._collecting_eval_samples and wanted > 0:  # the same on every process: the gather is collective
+            self.eval_samples.extend(gather_object(self._local_eval_samples(inputs))[:wanted])
+        return output
+
+    def _local_eval_samples(self, inputs: list[dict]) -> list[EvalSample]:
+        """This process's samples of the evaluation batch just rolled out."""
+        weights = self.reward_weights.detach().cpu()
+        samples = []
+        for row, image, scores in zip(inputs, self._last_images, self._last_rewards_per_func, strict=True):
+            total = math.nan if torch.isnan(scores).all() else float((scores * weights).nansum())
+            per_func = dict(zip(self.reward_func_names, scores.tolist(), strict=True))
+            samples.append(EvalSample(prompt=row["prompt"], image=image, reward=total, rewards=per_func))
+        return samples
+
     # ---------------------------------------------------------------------------------------------------- save
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:  # the Trainer calls _save on every process; one writes
+            return
         output_dir = output_dir or self.args.output_dir
+        self._save_diffusers_weights(output_dir, state_dict)
+        if self.ema is not None:
+            with self.ema.applied():
+                self._save_diffusers_weights(os.path.join(output_dir, EMA_DIR))
+
+    def _save_diffusers_weights(self, output_dir: str, state_dict=None) -> None:
+        """The trained weights in diffusers' format: the LoRA (`pipe.load_lora_weights(output_dir)`), or the full
+        denoiser in ``transformer/`` (`save_pretrained`, safetensors)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         if hasattr(unwrapped, "peft_config"):
             lora = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
@@ -461,3 +654,243 @@ class FlowGRPOTrainer(GRPOTrainer):
             self.adapter.save_lora_weights(output_dir, lora, config)
         else:
             unwrapped.denoiser.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, written to ``tmp-checkpoint-N`` and renamed to ``checkpoint-N`` when complete.
+
+        A run killed while saving leaves only the temporary folder, which resuming ignores (and the next save
+        deletes); the previous checkpoint stays the latest complete one. Besides the weights (with the diffusers
+        LoRA and the EMA in ``ema/``), optimizer, scheduler, RNG and trainer state, a checkpoint holds what an exact
+        resume also needs: TRL's micro-step counter, its buffered generation batch when the checkpoint falls inside
+        one, and the EMA state.
+        """
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final_dir = os.path.join(run_dir, name)
+        staging_dir = os.path.join(run_dir, CHECKPOINT_STAGING_PREFIX + name)
+        if self.args.should_save:
+            _remove_staging_dirs(run_dir)
+        self.accelerator.wait_for_everyone()
+
+        self.save_model(staging_dir, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging_dir)
+            self._save_scaler(staging_dir)
+            self._save_rng_state(staging_dir)
+            self._save_flow_state(staging_dir)
+        best_step = self.state.best_global_step
+        if best_step and self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
+            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+            if best_step == self.state.global_step or os.path.isdir(best_dir):
+                self.state.best_model_checkpoint = best_dir
+        if self.args.should_save:
+            for callback in [*self.callback_handler.callbacks, self.control]:
+                if isinstance(callback, ExportableState):
+                    callback_name = type(callback).__name__
+                    if isinstance(self.state.stateful_callbacks.get(callback_name), list):
+                        self.state.stateful_callbacks[callback_name].append(callback.state())
+                    else:
+                        self.state.stateful_callbacks[callback_name] = callback.state()
+            self.state.save_to_json(os.path.join(staging_dir, _TRAINER_STATE_NAME))
+
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            _publish_dir(staging_dir, final_dir)
+        self.accelerator.wait_for_everyone()
+
+        if self.args.push_to_hub:
+            self.create_model_card()
+            self._push_from_checkpoint(final_dir)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _save_flow_state(self, checkpoint_dir: str) -> None:
+        """TRL's micro-step counter, the buffered generation batch (mid-buffer only; tensors as safetensors, one
+        file per process) and the EMA state."""
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        buffered = self._buffered_inputs is not None and self._step % generate_every != 0
+        if buffered:
+            buffer = self._pack_buffer(self._buffered_inputs)
+            if buffer is None:
+                buffered = False
+            else:
+                path = os.path.join(checkpoint_dir, ROLLOUT_BUFFER_NAME.format(process=self.accelerator.process_index))
+                save_file(buffer[0], path, metadata=buffer[1])
+        if self.args.should_save:
+            state = {
+                "format": 1,
+                "micro_step": self._step,
+                "buffered_generation_batch": buffered,
+                "num_processes": self.accelerator.num_processes,
+                "ema_num_updates": self.ema.num_updates if self.ema is not None else None,
+            }
+            if self.ema is not None:
+                save_file(self.ema.state_dict(), os.path.join(checkpoint_dir, EMA_STATE_NAME))
+            Path(checkpoint_dir, FLOW_STATE_NAME).write_text(json.dumps(state, indent=1))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """transformers' restore on resume (every backend calls it, after the weights), then `_load_flow_state`."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_flow_state(checkpoint)
+
+    def _load_flow_state(self, checkpoint: str) -> None:
+        """Restore what `_save_flow_state` wrote (called on resume, after the weights are loaded)."""
+        path = Path(checkpoint, FLOW_STATE_NAME)
+        if not path.is_file():
+            logger.warning(
+                f"{checkpoint} has no {FLOW_STATE_NAME}: TRL's buffered generation batch and the EMA are not restored, "
+                "so the resumed run may differ from an uninterrupted one"
+            )
+            if self.ema is not None:
+                self.ema.reset()
+            return
+        state = json.loads(path.read_text())
+        self._step = state["micro_step"]
+        self._buffered_inputs = None
+        if state["buffered_generation_batch"]:
+            buffer_path = Path(checkpoint, ROLLOUT_BUFFER_NAME.format(process=self.accelerator.process_index))
+            if state["num_processes"] != self.accelerator.num_processes or not buffer_path.is_file():
+                logger.warning(
+                    f"{checkpoint} was saved inside a generation batch by {state['num_processes']} processes; with "
+                    f"{self.accelerator.num_processes} now, the batch is regenerated and the run is not exact"
+                )
+            else:
+                self._buffered_inputs = self._read_buffer(buffer_path)
+        if self.ema is not None:
+            ema_path = Path(checkpoint, EMA_STATE_NAME)
+            if ema_path.is_file():
+                self.ema.load_state_dict(load_file(str(ema_path)), state.get("ema_num_updates") or 0)
+            else:
+                logger.warning(f"{checkpoint} has no EMA state: the EMA restarts from the loaded weights")
+                self.ema.reset()
+
+    @staticmethod
+    def _pack_buffer(batches: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """TRL's buffered generation batch (its ``steps_per_generation`` slices) as safetensors tensors + metadata.
+
+        Slices are concatenated back into one tensor per key, so that `_unpack_buffer` can rebuild them as views of
+        one tensor at the same offsets as TRL's split: CPU kernels may round differently for differently aligned
+        inputs, and an exact resume needs the very same bits."""
+        tensors, kinds = {}, {}
+        for name in batches[0]:
+            values = [batch[name] for batch in batches]
+            if all(value is None for value in values):
+                kinds[name] = "none"
+            elif all(isinstance(value, torch.Tensor) and value.ndim == 0 for value in values):
+                kinds[name], tensors[name] = "scalar", values[0].detach().cpu().clone()
+            elif all(isinstance(value, torch.Tensor) and value.ndim > 0 for value in values):
+                kinds[name], tensors[name] = "split", torch.cat([value.detach().cpu() for value in values])
+            else:
+                logger.warning(
+                    f"the buffered generation batch holds {name!r} of a type that is not saved: a run resumed from "
+                    "this checkpoint regenerates the batch and is not exact"
+                )
+                return None
+        metadata = {"num_batches": str(len(batches)), "kinds": json.dumps(kinds)}
+        return tensors, metadata
+
+    def _read_buffer(self, path: Path) -> list[dict]:
+        """The buffered generation batch written by `_pack_buffer`, on this process's device."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+        num_batches = int(metadata["num_batches"])
+        batches: list[dict] = [{} for _ in range(num_batches)]
+        for name, kind in json.loads(metadata["kinds"]).items():
+            if kind == "none":
+                parts = [None] * num_batches
+            elif kind == "scalar":
+                parts = [tensors[name].to(self.accelerator.device, copy=True)] * num_batches
+            else:  # a fresh allocation: tensors read by safetensors may sit at any alignment
+                whole = tensors[name].to(self.accelerator.device, copy=True)
+                size = whole.shape[0] // num_batches
+                parts = [whole[i * size : (i + 1) * size] for i in range(num_batches)]
+            for batch, part in zip(batches, parts, strict=True):
+                batch[name] = part
+        return batches
+
+    # ------------------------------------------------------------------------------------------------ model card
+    def _recipe(self) -> dict:
+        """The run's settings that differ from `FlowGRPOConfig`'s defaults (no paths, tokens or hub settings)."""
+        defaults = {}
+        for config_field in dataclasses.fields(FlowGRPOConfig):
+            if config_field.default is not dataclasses.MISSING:
+                defaults[config_field.name] = config_field.default
+            elif config_field.default_factory is not dataclasses.MISSING:
+                defaults[config_field.name] = config_field.default_factory()
+        housekeeping = {
+            "accelerator_config",
+            "dataloader_pin_memory",
+            "disable_tqdm",
+            "do_eval",
+            "do_predict",
+            "do_train",
+            "generation_batch_size",  # derived from the batch sizes
+            "resume_from_checkpoint",
+            "use_cpu",
+        }
+        recipe = {}
+        for name, value in self.args.to_dict().items():
+            if name.startswith("_") or name in housekeeping or any(word in name for word in ("token", "hub", "_dir")):
+                continue
+            default = defaults.get(name, None)
+            default = getattr(default, "value", default)
+            if value is not None and value != default and value != [] and value != {}:
+                recipe[name] = value
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if hasattr(unwrapped, "peft_config"):
+            lora = unwrapped.peft_config["default"]
+            recipe["lora"] = {
+                "r": lora.r,
+                "lora_alpha": lora.lora_alpha,
+                "target_modules": sorted(lora.target_modules) if lora.target_modules else None,
+            }
+        return json.loads(json.dumps(recipe, default=str))
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
+        """Write ``README.md`` in ``output_dir``: the base model, rewards, recipe, final metrics and how to load the
+        weights in diffusers (pushed with the model by ``push_to_hub``)."""
+        from .reporting import model_card_markdown
+
+        if not self.is_world_process_zero():
+            return
+        base_model = getattr(self.pipeline, "name_or_path", None) or None
+        if base_model and os.path.isdir(base_model):
+            base_model = None
+        history = self.state.log_history
+        train = next((entry for entry in reversed(history) if "reward" in entry), {})
+        evaluation = next((entry for entry in reversed(history) if "eval_reward" in entry), {})
+
+        def pick(entry: dict, prefixes: tuple[str, ...]) -> dict[str, float]:
+            return {
+                key: value
+                for key, value in entry.items()
+                if key.startswith(prefixes) and isinstance(value, (int, float)) and not isinstance(value, bool)
+            }
+
+        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        text = model_card_markdown(
+            base_model=base_model,
+            reward_weights=dict(zip(self.reward_func_names, self.reward_weights.tolist(), strict=True)),
+            recipe=self._recipe(),
+            final_metrics=pick(train, ("reward", "kl", "loss", "clip_ratio/region_mean")),
+            eval_metrics=pick(evaluation, ("eval_reward",)),
+            global_step=self.state.global_step,
+            is_lora=hasattr(self.accelerator.unwrap_model(self.model), "peft_config"),
+            has_ema=self.ema is not None,
+            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            tags=sorted(set(self._tag_names) | set(extra_tags)),
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        Path(self.args.output_dir, "README.md").write_text(text)
