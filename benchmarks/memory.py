@@ -1,4 +1,5 @@
-"""Peak memory of a Flow-GRPO training step: LoRA and full fine-tuning, with and without gradient checkpointing.
+"""Peak memory of a Flow-GRPO training step: LoRA and full fine-tuning, with and without the memory savers
+(gradient checkpointing; training passes micro-batched one denoising step and `--micro` samples at a time).
 
 Each configuration runs in its own process (peak RSS is per process on CPU; on a GPU the torch allocator's peak is
 reported). The figure is the peak during one rollout + training micro-step minus the memory after set-up.
@@ -15,7 +16,7 @@ import sys
 import tempfile
 
 
-def measure(size: str, images: int, lora: bool, checkpointing: bool) -> dict:
+def measure(size: str, images: int, lora: bool, checkpointing: bool, micro_batch_size: int | None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -34,6 +35,7 @@ def measure(size: str, images: int, lora: bool, checkpointing: bool) -> dict:
         per_device_train_batch_size=images,
         beta=0.0 if not lora else 0.04,
         gradient_checkpointing=checkpointing,
+        train_micro_batch_size=micro_batch_size,
     )
     targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     peft_config = LoraConfig(r=32, lora_alpha=64, target_modules=targets) if lora else None
@@ -49,9 +51,8 @@ def measure(size: str, images: int, lora: bool, checkpointing: bool) -> dict:
     before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batch = trainer._generate_and_score_completions([{"prompt": "a red image"}] * images)
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
+    # Rollout, rewards, then the training forward + backward passes, as the Trainer runs a micro-step.
+    trainer.training_step(trainer.model, [{"prompt": "a red image"}] * images, None)
     after = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     return {"set-up MB": round(before), "step peak MB": round(after), "step adds MB": round(after - before)}
 
@@ -60,28 +61,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="medium", choices=["small", "medium"])
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--micro", type=int, default=2, help="train_micro_batch_size of the micro-batched rows")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration in this process
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.one:
-        lora, checkpointing = (part == "1" for part in args.one.split(","))
-        print(json.dumps(measure(args.size, args.images, lora, checkpointing)))
+        lora, checkpointing, micro = (part == "1" for part in args.one.split(","))
+        print(json.dumps(measure(args.size, args.images, lora, checkpointing, args.micro if micro else None)))
         return
 
     from benchmarks.common import machine
 
     print(f"machine: {machine()}")
     print(f"model: {args.size} SD3-shaped, {args.images} images per micro-step, 10 SDE steps, 9 trained, CFG 4.5")
+    savers = [(False, False), (True, False), (False, True), (True, True)]  # (checkpointing, micro-batching)
     for lora in (True, False):
-        for checkpointing in (False, True):
+        for checkpointing, micro in savers:
+            one = f"{int(lora)},{int(checkpointing)},{int(micro)}"
             command = [sys.executable, "-m", "benchmarks.memory", "--size", args.size, "--images", str(args.images),
-                       "--one", f"{int(lora)},{int(checkpointing)}"]  # fmt: skip
+                       "--micro", str(args.micro), "--one", one]  # fmt: skip
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()
             figures = json.loads(output[-1])
             name = (
-                f"{'LoRA r32' if lora else 'full fine-tune'}, gradient checkpointing {'on' if checkpointing else 'off'}"
+                f"{'LoRA r32' if lora else 'full fine-tune'}, checkpointing {'on' if checkpointing else 'off'}, "
+                f"micro-batch {args.micro if micro else 'off'}"
             )
-            print(f"{name:<48} {figures}")
+            print(f"{name:<58} {figures}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "jpeg_compressibility": "reward_funcs.rules:jpeg_compressibility",
     "jpeg_incompressibility": "reward_funcs.rules:jpeg_incompressibility",
     "mini_geneval": "reward_funcs.mini_geneval:mini_geneval",
+    "mid_grey": "reward_funcs.rules:mid_grey",
     "prompt_color": "reward_funcs.rules:prompt_color",
     # model-based: each module's object loads its model on first call (see docs/rewards.md)
     "aesthetic": "reward_funcs.aesthetic:aesthetic",

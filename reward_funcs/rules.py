@@ -23,6 +23,7 @@ __all__ = [
     "find_color_word",
     "jpeg_compressibility",
     "jpeg_incompressibility",
+    "mid_grey",
     "prompt_color",
 ]
 
@@ -63,6 +64,13 @@ def _to_pil(image: Any) -> Image.Image:
 def brightness(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
     """Mean pixel value of each image over all pixels and RGB channels, in [0, 1] (black 0, white 1)."""
     return [float(_to_rgb_array(image).mean()) for image in completions]
+
+
+def mid_grey(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+    """How close each image's pixels are to mid-grey: ``1 - 2 * mean |x - 0.5|`` over pixels and RGB channels, in
+    [0, 1] (1: uniform mid-grey; 0: only black and white pixels). A cheap guard reward against blown-out or
+    crushed exposure, e.g. when training on `brightness`."""
+    return [float(1.0 - 2.0 * np.abs(_to_rgb_array(image) - 0.5).mean()) for image in completions]
 
 
 def find_color_word(prompt: Any) -> str | None:

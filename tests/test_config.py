@@ -35,3 +35,49 @@ def test_llm_only_fields_are_refused_by_name(key, value):
 def test_bad_diffusion_values_are_refused(key, value, message):
     with pytest.raises(UserInputError, match=message):
         FlowGRPOConfig(output_dir="unused", report_to=[], **{key: value})
+
+
+# ------------------------------------------------------------------------------------ global batch quantities
+def paper_batch(**overrides):
+    settings = dict(output_dir="unused", report_to=[], prompts_per_step=48, num_generations=24,
+                    per_device_train_batch_size=9, updates_per_generation=2)  # fmt: skip
+    settings.update(overrides)
+    return settings
+
+
+@pytest.mark.parametrize(("world_size", "steps", "accumulation"), [(32, 4, 2), (8, 16, 8), (2, 64, 32)])
+def test_prompts_per_step_derives_the_per_process_batch(world_size, steps, accumulation, monkeypatch):
+    from trl_flow import config as config_module
+
+    monkeypatch.setattr(config_module, "launched_world_size", lambda: world_size)
+    with pytest.raises(UserInputError, match=f"derived for {world_size} process"):
+        FlowGRPOConfig(**paper_batch())  # this test process is 1 process: the mismatch is refused, not used
+    config = FlowGRPOConfig.__new__(FlowGRPOConfig)
+    config.__dict__.update(paper_batch(steps_per_generation=None, generation_batch_size=None,
+                                       gradient_accumulation_steps=1))  # fmt: skip
+    config._derive_batch_from_global_quantities(world_size)
+    assert (config.steps_per_generation, config.gradient_accumulation_steps) == (steps, accumulation)
+    # The official 32-GPU layout: 9 images x 4 micro-batches per GPU, 2 optimizer updates per rollout batch.
+    assert 9 * world_size * steps == 48 * 24 and steps // accumulation == 2
+
+
+def test_prompts_per_step_on_one_process():
+    config = FlowGRPOConfig(**paper_batch())
+    assert (config.steps_per_generation, config.gradient_accumulation_steps) == (128, 64)
+    assert config.generation_batch_size == 48 * 24
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"per_device_train_batch_size": 10}, r"per_device_train_batch_size can be one of \[1, 2, 3, 4, 6, 8, 9,"),
+        ({"updates_per_generation": 5}, r"updates_per_generation 5 does not divide the 128 .* one of \[1, 2, 4,"),
+        ({"steps_per_generation": 8}, "steps_per_generation 8 contradicts prompts_per_step 48"),
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps 2 contradicts"),
+        ({"generation_batch_size": 1152}, "generation_batch_size"),
+        ({"prompts_per_step": None}, "updates_per_generation needs prompts_per_step"),
+    ],
+)
+def test_global_quantities_that_do_not_divide_name_the_values_that_would(overrides, message):
+    with pytest.raises(UserInputError, match=message):
+        FlowGRPOConfig(**paper_batch(**overrides))

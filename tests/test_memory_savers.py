@@ -1,5 +1,6 @@
 import torch
 
+import trl_flow.trainer as trainer_module
 from tests.test_trainer import make_trainer
 
 
@@ -34,3 +35,106 @@ def test_gradient_checkpointing_key_reaches_the_denoiser(tiny_sd3_path, tmp_path
     trainer = make_trainer(tiny_sd3_path, tmp_path, gradient_checkpointing=True, max_steps=1)
     trainer.train()
     assert trainer.pipeline.transformer.gradient_checkpointing
+
+
+def _loss_grads_and_metrics(trainer, batch):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.zero_grad()
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+def test_micro_batched_training_passes_give_the_same_loss_gradients_and_metrics(tiny_sd3_path, tmp_path):
+    # beta > 0 so the reference pass and the KL are split too; micro-batches of 3 do not divide 8 (uneven parts).
+    trainer = make_trainer(tiny_sd3_path, tmp_path, beta=0.1)
+    trainer.model.train()
+    inputs = [dict(trainer.train_dataset[i // 8]) for i in range(8)]
+    batch = trainer._generate_and_score_completions(inputs)
+    with torch.no_grad():  # LoRA off zero, and a policy that is not the rollout's: ratios and KL are not trivial
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02)
+
+    loss_whole, grads_whole, metrics_whole = _loss_grads_and_metrics(trainer, batch)
+    for micro_batch_size in (3, 1):
+        trainer.args.train_micro_batch_size = micro_batch_size
+        loss, grads, metrics = _loss_grads_and_metrics(trainer, batch)
+        torch.testing.assert_close(loss, loss_whole)
+        assert grads.keys() == grads_whole.keys() and grads
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_whole[name], rtol=1e-4, atol=1e-7)
+        assert metrics.keys() == metrics_whole.keys()
+        for key in metrics:
+            assert abs(metrics[key] - metrics_whole[key]) <= 1e-5 * max(1.0, abs(metrics_whole[key])), key
+    assert metrics_whole["kl"] > 0 and metrics_whole["ratio/max_abs_deviation"] > 0
+
+
+class _DeviceLog:
+    """Records where each frozen module was sent, and where the encoders / VAE were when they were used."""
+
+    def __init__(self, trainer, monkeypatch):
+        self.moves, self.used_on = [], []
+        for name, module in trainer.adapter.frozen_modules().items():
+            original = module.to
+
+            def to(*args, _name=name, _original=original, **kwargs):
+                self.moves.append((_name, str(args[0] if args else kwargs.get("device"))))
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(module, "to", to)
+        encode, decode = trainer.adapter.encode_prompts, trainer.adapter.decode_latents
+
+        def where(prefix):
+            return [name for name, _ in self.moves if name.startswith(prefix)]
+
+        def logged_encode(*args, **kwargs):
+            self.used_on.append(("encode", len(where("text_encoder"))))
+            return encode(*args, **kwargs)
+
+        def logged_decode(*args, **kwargs):
+            self.used_on.append(("decode", len(where("vae"))))
+            return decode(*args, **kwargs)
+
+        monkeypatch.setattr(trainer.adapter, "encode_prompts", logged_encode)
+        monkeypatch.setattr(trainer.adapter, "decode_latents", logged_decode)
+
+
+def test_offloaded_encoders_and_vae_visit_the_device_only_while_used_and_change_nothing(
+    tiny_sd3_path, tmp_path, monkeypatch
+):
+    # On this CPU-only machine the accelerator is "cpu": park offloaded modules on "cpu:0" (the same memory, another
+    # name) so that moves in and out can be told apart.
+    monkeypatch.setattr(trainer_module, "_OFFLOAD_DEVICE", torch.device("cpu", 0))
+    inputs = None
+    results = {}
+    for offload in (False, True):
+        trainer = make_trainer(
+            tiny_sd3_path, tmp_path / str(offload), offload_text_encoders=offload, offload_vae=offload
+        )
+        log = _DeviceLog(trainer, monkeypatch)
+        trainer.model.train()
+        inputs = inputs or [dict(trainer.train_dataset[i // 8]) for i in range(16)]
+        batch = trainer._generate_and_score_completions(inputs)
+        results[offload] = (batch, trainer.sample_images(), log)
+
+    (plain_batch, plain_images, plain_log), (batch, images, log) = results[False], results[True]
+    assert not plain_log.moves  # without offload nothing is moved around
+    text_encoders = [name for name in log_names(log) if name.startswith("text_encoder")]
+    assert sorted(set(text_encoders)) == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    for name in set(log_names(log)):
+        assert [where for moved, where in log.moves if moved == name] == ["cpu", "cpu:0"], name
+    # Each use happened after the module's move in and before its move out.
+    assert [kind for kind, _ in log.used_on] == ["encode", "decode"]
+    assert dict(log.used_on) == {"encode": 3, "decode": 1}
+    for key in plain_batch:
+        torch.testing.assert_close(batch[key], plain_batch[key])
+    assert [image.tobytes() for image in images] == [image.tobytes() for image in plain_images]
+
+
+def log_names(log):
+    return [name for name, _ in log.moves]

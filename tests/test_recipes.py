@@ -3,6 +3,7 @@
 import pytest
 
 from trl_flow.cli import main, parse_grpo_args
+from trl_flow.doctor import PAPER_QUANTITIES, effective_quantities
 
 
 @pytest.mark.parametrize(
@@ -10,23 +11,25 @@ from trl_flow.cli import main, parse_grpo_args
     [("pickscore", "pickscore", 0.01), ("geneval", "geneval", 0.04), ("ocr", "ocr", 0.04)],
 )
 def test_paper_recipe_parses_with_the_paper_values(recipe, reward, beta):
-    # 32 processes in the paper; on this 1-process machine, 8 micro-batches of 9 keep whole groups of 24.
-    script, config, model = parse_grpo_args(
-        ["--recipe", f"recipes/{recipe}.yaml", "--steps_per_generation", "8", "--bf16", "false"]
-    )
+    # Stated in global quantities: on this 1-process machine the paper's 48 prompts x 24 images per rollout batch
+    # become 128 micro-batches of 9, and its 2 updates of 576 images a gradient accumulation of 64.
+    script, config, model = parse_grpo_args(["--recipe", f"recipes/{recipe}.yaml", "--bf16", "false"])
     assert script.reward_funcs == [reward]
     assert model.model_name_or_path == "stabilityai/stable-diffusion-3.5-medium"
     assert (model.lora_r, model.lora_alpha) == (32, 64)
     assert (config.num_inference_steps, config.eval_num_inference_steps, config.guidance_scale) == (10, 40, 4.5)
     assert (config.num_generations, config.beta, config.epsilon, config.noise_level) == (24, beta, 1e-4, 0.7)
     assert config.scale_rewards == "batch" and (config.height, config.width) == (512, 512)
+    assert (config.prompts_per_step, config.per_device_train_batch_size) == (48, 9)
+    assert (config.steps_per_generation, config.gradient_accumulation_steps) == (128, 64)
+    assert effective_quantities(config, 1) == {**PAPER_QUANTITIES, "processes": 1}
 
 
 @pytest.mark.parametrize("recipe", ["pickscore", "geneval", "ocr"])
 def test_paper_recipe_fails_clearly_offline(recipe, tmp_path, capsys):
     output_dir = tmp_path / "out"
     code = main(
-        ["grpo", "--recipe", f"recipes/{recipe}.yaml", "--steps_per_generation", "8", "--bf16", "false",
+        ["grpo", "--recipe", f"recipes/{recipe}.yaml", "--bf16", "false",
          "--dataset_name", "trl-flow/tiny-prompts", "--report_to", "none", "--output_dir", str(output_dir)]
     )  # fmt: skip
     err = capsys.readouterr().err
@@ -36,7 +39,7 @@ def test_paper_recipe_fails_clearly_offline(recipe, tmp_path, capsys):
 
 
 def test_paper_recipe_without_its_prompt_folder_names_it(tmp_path, capsys):
-    code = main(["grpo", "--recipe", "recipes/ocr.yaml", "--steps_per_generation", "8", "--bf16", "false",
+    code = main(["grpo", "--recipe", "recipes/ocr.yaml", "--bf16", "false",
                  "--output_dir", str(tmp_path / "out")])  # fmt: skip
     assert code == 2
     assert "dataset/ocr" in capsys.readouterr().err

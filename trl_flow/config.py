@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,27 @@ LLM_ONLY_FIELDS: dict[str, str] = {
     "sync_ref_model": "not implemented for diffusion",
     "multi_objective_aggregation": "only 'sum_then_normalize' is implemented",
 }
+
+
+def launched_world_size() -> int:
+    """The number of processes of this run, as the launcher (torchrun, accelerate, DeepSpeed, MPI) announces it.
+
+    Read before TrainingArguments sets up the process group, so that TRL's batch checks in GRPOConfig.__post_init__
+    see per-process values derived for the right number of processes. An already initialised accelerate state wins.
+    """
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:
+        return PartialState().num_processes
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_SIZE"):
+        value = os.environ.get(name)
+        if value and value.isdigit() and int(value) >= 1:
+            return int(value)
+    return 1
+
+
+def _divisors(number: int) -> list[int]:
+    return [d for d in range(1, number + 1) if number % d == 0]
 
 
 def _has_accelerator() -> bool:
@@ -109,6 +131,27 @@ class FlowGRPOConfig(GRPOConfig):
             "None = the whole local generation batch at once."
         },
     )
+    train_micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Memory saver: run the training forward/backward passes one trained denoising step and at most "
+            "this many samples at a time (gradients accumulate), so only one micro-batch's activations are alive. "
+            "None = one backward pass over all trained steps of per_device_train_batch_size samples."
+        },
+    )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={
+            "help": "Memory saver: keep the text encoders on the CPU and move them to the accelerator only to encode "
+            "prompts (once per rollout batch)."
+        },
+    )
+    offload_vae: bool = field(
+        default=False,
+        metadata={
+            "help": "Memory saver: keep the VAE on the CPU and move it to the accelerator only to decode rollouts."
+        },
+    )
     async_rewards: bool = field(
         default=False,
         metadata={
@@ -138,6 +181,61 @@ class FlowGRPOConfig(GRPOConfig):
     ema_decay: float = field(default=0.9, metadata={"help": "EMA decay (Flow-GRPO: 0.9)."})
     ema_update_every: int = field(
         default=8, metadata={"help": "Update the EMA every N optimizer steps (Flow-GRPO: 8)."}
+    )
+
+    # Reward-hacking guard (trl_flow.guard.RewardHackingGuard): held-out rewards, never used for advantages
+    guard_reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Guard rewards (same forms as reward_funcs), scored on the evaluation images with image statistics "
+            "(saturation, edge density, within-group diversity) and logged under guard/...; never trained on. "
+            "Setting it turns the guard on (it needs eval_strategy and an evaluation set)."
+        },
+    )
+    guard_tolerance: float = field(
+        default=0.1,
+        metadata={
+            "help": "Relative fall of a guard reward or of the diversity from its first evaluation that counts as a "
+            "breach: (baseline - value) / |baseline| > guard_tolerance."
+        },
+    )
+    guard_patience: int = field(
+        default=2,
+        metadata={
+            "help": "The guard fires after this many consecutive evaluations where the training reward rose while a "
+            "guarded quantity was breached."
+        },
+    )
+    guard_action: str = field(
+        default="warn",
+        metadata={
+            "help": "When the guard fires: 'warn', or 'stop' training. Either way "
+            "output_dir/guard_best_checkpoint.json names the best checkpoint by guard score."
+        },
+    )
+    guard_on_rollouts: int = field(
+        default=0,
+        metadata={
+            "help": "Also score up to this many images of each training rollout batch (per process) with the guard, "
+            "logged as guard/rollouts/... (0 = off)."
+        },
+    )
+
+    # Global batch quantities: a recipe that means the same on any number of processes
+    prompts_per_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Unique prompts per rollout (generation) batch over all processes. With num_generations, it fixes "
+            "the global rollout batch; steps_per_generation and gradient_accumulation_steps are then derived from "
+            "the number of processes and per_device_train_batch_size (leave them unset)."
+        },
+    )
+    updates_per_generation: int | None = field(
+        default=None,
+        metadata={
+            "help": "With prompts_per_step: optimizer updates per rollout batch (per pass, see num_iterations); "
+            "default 1. gradient_accumulation_steps = steps_per_generation / updates_per_generation."
+        },
     )
 
     # GRPO / Trainer fields whose defaults change for flow models
@@ -188,6 +286,10 @@ class FlowGRPOConfig(GRPOConfig):
                 self.rollout_batch_size is None or self.rollout_batch_size >= 1,
                 "rollout_batch_size must be >= 1",
             ),
+            (
+                self.train_micro_batch_size is None or self.train_micro_batch_size >= 1,
+                "train_micro_batch_size must be >= 1 (or unset)",
+            ),
             (self.eval_images_to_log >= 0, "eval_images_to_log must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.ema_update_every >= 1, "ema_update_every must be >= 1"),
@@ -195,6 +297,9 @@ class FlowGRPOConfig(GRPOConfig):
         for ok, message in checks:
             if not ok:
                 raise UserInputError(message)
+        self._check_guard()
+        if self.prompts_per_step is not None or self.updates_per_generation is not None:
+            self._derive_batch_from_global_quantities(launched_world_size())
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on whenever it is unset, which transformers refuses on a machine without a GPU.
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -202,7 +307,100 @@ class FlowGRPOConfig(GRPOConfig):
             # On a CPU-only machine, a Trainer without use_cpu does not join the gloo process group that
             # `accelerate launch` set up: each process would run alone and write the same output_dir.
             self.use_cpu = True
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError:
+            self._check_derived_world_size()  # TRL's batch checks fail first when the process count was misread
+            raise
+        self._check_derived_world_size()
+
+    def _check_derived_world_size(self) -> None:
+        """prompts_per_step's derivation must have used the number of processes this run really has."""
+        derived_for = getattr(self, "_derived_for_world_size", None)
+        if derived_for is not None and derived_for != self.world_size:
+            raise UserInputError(
+                f"prompts_per_step: the batch was derived for {derived_for} process(es) (from the launcher's "
+                f"environment) but this run has {self.world_size}; launch with torchrun / accelerate launch, or set "
+                "steps_per_generation and gradient_accumulation_steps instead of prompts_per_step"
+            )
+
+    def _check_guard(self) -> None:
+        """The guard_* keys: valid values, and an evaluation for the guard to score."""
+        if self.guard_action not in ("warn", "stop"):
+            raise UserInputError(f"guard_action = {self.guard_action!r}: use 'warn' or 'stop'")
+        if not self.guard_tolerance > 0:
+            raise UserInputError(f"guard_tolerance = {self.guard_tolerance!r}: use a relative fall > 0, e.g. 0.1")
+        if self.guard_patience < 1:
+            raise UserInputError(f"guard_patience = {self.guard_patience!r}: use a number of evaluations >= 1")
+        if self.guard_on_rollouts < 0:
+            raise UserInputError(f"guard_on_rollouts = {self.guard_on_rollouts!r}: use 0 (off) or a number >= 1")
+        strategy = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        if self.guard_reward_funcs and strategy == "no":
+            raise UserInputError(
+                "guard_reward_funcs are scored on evaluation images, but eval_strategy is 'no': set eval_strategy "
+                "'steps' with eval_steps N (and eval_on_start true for a baseline before training), and give an "
+                "evaluation set (dataset_test_split)"
+            )
+
+    def _derive_batch_from_global_quantities(self, world_size: int) -> None:
+        """steps_per_generation and gradient_accumulation_steps from prompts_per_step, num_generations,
+        updates_per_generation, per_device_train_batch_size and the number of processes (TRL's own batch checks run
+        afterwards, in GRPOConfig.__post_init__, on the derived values)."""
+        if self.prompts_per_step is None:
+            raise UserInputError("updates_per_generation needs prompts_per_step (the global rollout batch)")
+        if self.generation_batch_size is not None:
+            raise UserInputError(
+                "prompts_per_step and generation_batch_size both set the rollout batch: remove generation_batch_size "
+                "(prompts_per_step x num_generations images per rollout batch, over all processes)"
+            )
+        prompts, group, micro = self.prompts_per_step, self.num_generations, self.per_device_train_batch_size
+        updates = 1 if self.updates_per_generation is None else self.updates_per_generation
+        if prompts < 1 or group < 2 or micro < 1 or updates < 1:
+            raise UserInputError(
+                f"prompts_per_step ({prompts}), updates_per_generation ({updates}) and per_device_train_batch_size "
+                f"({micro}) must be >= 1, and num_generations ({group}) >= 2"
+            )
+        images = prompts * group
+        if images % (micro * world_size):
+            per_process = images // world_size if images % world_size == 0 else None
+            options = _divisors(per_process) if per_process else []
+            processes = [n for n in _divisors(images) if (images // n) % micro == 0 and n <= 1024]
+            raise UserInputError(
+                f"prompts_per_step {prompts} x num_generations {group} = {images} images per rollout batch do not "
+                f"split into micro-batches of per_device_train_batch_size {micro} on {world_size} process(es). "
+                + (
+                    f"With {world_size} process(es), per_device_train_batch_size can be one of {options}; "
+                    if options
+                    else f"{images} images cannot be split evenly over {world_size} processes; "
+                )
+                + (
+                    f"with per_device_train_batch_size {micro}, the number of processes can be one of {processes}."
+                    if processes
+                    else f"per_device_train_batch_size {micro} does not divide {images} for any number of processes."
+                )
+            )
+        steps = images // (micro * world_size)
+        if steps % updates:
+            raise UserInputError(
+                f"updates_per_generation {updates} does not divide the {steps} micro-batches per rollout batch "
+                f"(prompts_per_step {prompts} x num_generations {group} / (per_device_train_batch_size {micro} x "
+                f"{world_size} process(es))): use one of {_divisors(steps)}, or change per_device_train_batch_size"
+            )
+        # Values that equal the derived ones are accepted (e.g. a config rebuilt from its own to_dict()).
+        for name, derived, default in (
+            ("steps_per_generation", steps, None),
+            ("gradient_accumulation_steps", steps // updates, 1),
+        ):
+            given = getattr(self, name)
+            if given != default and given != derived:
+                raise UserInputError(
+                    f"{name} {given} contradicts prompts_per_step {prompts}, which gives {name} {derived} with "
+                    f"per_device_train_batch_size {micro}, updates_per_generation {updates} and {world_size} "
+                    f"process(es): remove {name} from the recipe (it is derived from the number of processes)"
+                )
+        self.steps_per_generation = steps
+        self.gradient_accumulation_steps = steps // updates
+        self._derived_for_world_size = world_size
 
     @property
     def num_trained_steps(self) -> int:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from trl.trainer.utils import nanstd
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -93,7 +94,7 @@ def sde_step_with_logprob(
     sample: torch.Tensor,
     noise_level: float = 0.7,
     prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> SDEStepOutput:
     """One Flow-GRPO SDE step from ``sigma`` to ``sigma_next`` and the log-probability of its result.
 
@@ -105,7 +106,7 @@ def sde_step_with_logprob(
         noise_level: ``a`` in the paper; 0 gives the deterministic Euler (ODE) step.
         prev_sample: if given, the step's result is not drawn; its log-probability under the step is returned
             instead (the training pass, where gradients flow through ``velocity``).
-        generator: random generator for the step's noise when ``prev_sample`` is drawn.
+        generator: random generator for the step's noise when ``prev_sample`` is drawn, or one per sample.
 
     Returns:
         :class:`SDEStepOutput`. All math is done in float32 whatever the model's dtype, so that rollout and
@@ -129,9 +130,8 @@ def sde_step_with_logprob(
     std = s * torch.sqrt(-dt)
 
     if prev_sample is None:
-        noise = torch.randn(
-            sample.shape, generator=generator, device=generator.device if generator else sample.device
-        ).to(sample.device)
+        # One generator, or one per sample (noise then independent of how a batch is split into chunks/processes).
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         prev_sample = mean.detach() + std * noise
     prev_sample = prev_sample.float()
     return SDEStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)

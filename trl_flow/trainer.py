@@ -47,6 +47,7 @@ from trl.trainer.utils import RepeatSampler, nanstd
 from .callbacks import EMACallback, EvalSample, EvalSamplesCallback, ParameterEMA, RewardCurveCallback
 from .config import FlowGRPOConfig
 from .errors import UserInputError
+from .guard import RewardHackingGuard
 from .models import FlowModelAdapter, adapter_for_pipeline
 from .policy import DiffusionPolicy
 from .rewards import call_reward_func, resolve_reward_funcs, validate_rewards
@@ -59,6 +60,8 @@ from .sde import (
 )
 
 _CONDITIONING_PREFIX = "cond_"
+#: Where offloaded frozen parts (`offload_text_encoders`, `offload_vae`) wait between uses.
+_OFFLOAD_DEVICE = torch.device("cpu")
 
 logger = logging.getLogger(__name__)
 
@@ -288,24 +291,64 @@ class FlowGRPOTrainer(GRPOTrainer):
         if reference is not None:
             self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
 
-        for module in self.adapter.frozen_modules().values():
-            module.to(self.accelerator.device)
+        offloaded = self._offloaded_module_names()
+        for name, module in self.adapter.frozen_modules().items():
+            module.to(_OFFLOAD_DEVICE if name in offloaded else self.accelerator.device)
+        if self.args.train_micro_batch_size is not None and self.is_deepspeed_enabled:
+            raise UserInputError(
+                "train_micro_batch_size does not work with DeepSpeed (its engine steps the optimizer on every "
+                "backward pass it is given): unset it and save memory with gradient_checkpointing or ZeRO instead"
+            )
 
         self._setup_lifecycle()
+
+    # ---------------------------------------------------------------------------------------------- memory
+    def _offloaded_module_names(self) -> set[str]:
+        """Frozen parts kept on the CPU between uses (`offload_text_encoders`, `offload_vae`)."""
+        names = set()
+        for name in self.adapter.frozen_modules():
+            if (self.args.offload_text_encoders and name.startswith("text_encoder")) or (
+                self.args.offload_vae and name == "vae"
+            ):
+                names.add(name)
+        return names
+
+    @contextlib.contextmanager
+    def frozen_modules_in_use(self, *prefixes: str):
+        """Within the block, the offloaded frozen parts whose names start with one of ``prefixes`` (all of them when
+        none is given) sit on the accelerator; they go back to the CPU after it."""
+        wanted = [
+            module
+            for name, module in self.adapter.frozen_modules().items()
+            if name in self._offloaded_module_names() and (not prefixes or name.startswith(prefixes))
+        ]
+        for module in wanted:
+            module.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for module in wanted:
+                module.to(_OFFLOAD_DEVICE)
 
     # ------------------------------------------------------------------------------------------------ rollouts
     def _conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning for each prompt, encoded once per distinct prompt (groups repeat each prompt)."""
         unique = list(dict.fromkeys(prompts))
-        encoded = self.adapter.encode_prompts(
-            unique, self.args.negative_prompt, self.args.guidance_scale, self.args.max_sequence_length
-        )
+        with self.frozen_modules_in_use("text_encoder"):
+            encoded = self.adapter.encode_prompts(
+                unique, self.args.negative_prompt, self.args.guidance_scale, self.args.max_sequence_length
+            )
         index = torch.tensor([unique.index(p) for p in prompts], device=next(iter(encoded.values())).device)
         return {name: tensor.index_select(0, index) for name, tensor in encoded.items()}
 
     def _rollout_seed(self, mode: str) -> int:
         """Seed of a rollout batch: fixed for evaluation (comparable across evaluations); for training, a function
         of the optimizer step and micro-step, so a resumed run draws the same rollouts as an uninterrupted one."""
+        if self.args.prompts_per_step is not None:
+            # A recipe in global quantities means the same on any number of processes: the seed depends on the
+            # generation batch only, and `_rollout` draws each image's noise from its index in the global batch.
+            generate_every = self.args.steps_per_generation * self.num_iterations
+            return self.args.seed + (104729 * (self._step // generate_every + 1) if mode == "train" else 0)
         seed = self.args.seed + 7919 * self.accelerator.process_index
         if mode == "train":
             micro_step = self.state.global_step * self.args.gradient_accumulation_steps + (
@@ -313,6 +356,13 @@ class FlowGRPOTrainer(GRPOTrainer):
             )
             seed += 104729 * (micro_step + 1)
         return seed
+
+    def _sample_offset(self, local_batch_size: int) -> int | None:
+        """Index of this process's first image in the global rollout batch, when noise is drawn per image (recipes
+        in global quantities, `prompts_per_step`); None otherwise (one generator per process, as before)."""
+        if self.args.prompts_per_step is None:
+            return None
+        return self.accelerator.process_index * local_batch_size
 
     def _trained_steps(self) -> range:
         """Which denoising steps of this rollout batch are trained: the first `num_trained_steps` (the paper), or in
@@ -338,9 +388,10 @@ class FlowGRPOTrainer(GRPOTrainer):
         num_steps: int,
         noise_level: float,
         trained_steps: range,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Denoise one batch; return the final latents and, per trained step, what the loss needs."""
+        """Denoise one batch; return the final latents and, per trained step, what the loss needs. ``generator`` may
+        be one generator per image (noise independent of how the batch is split over processes and chunks)."""
         args = self.args
         sigmas = self.adapter.sigmas(num_steps, args.height, args.width)
         batch_size = next(iter(conditioning.values())).shape[0]
@@ -376,22 +427,31 @@ class FlowGRPOTrainer(GRPOTrainer):
         trained_steps: range,
         seed: int,
         on_chunk_decoded: Callable[[int, list], None] | None = None,
+        sample_offset: int | None = None,
     ) -> tuple[list, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Images, per-step trajectories and conditioning for ``prompts``, in chunks of ``rollout_batch_size``.
 
         ``on_chunk_decoded(start, images)`` is called as soon as a chunk's images exist (to score them while the
-        next chunk denoises)."""
+        next chunk denoises). With ``sample_offset`` (the index of ``prompts[0]`` in the global batch), image ``i``
+        draws its noise from its own generator seeded ``seed + sample_offset + i``."""
         conditioning = self._conditioning(prompts)
         chunk = self.args.rollout_batch_size or len(prompts)
-        generator = torch.Generator().manual_seed(seed)
+        if sample_offset is None:
+            generator = torch.Generator().manual_seed(seed)
+        else:
+            generator = [torch.Generator().manual_seed(seed + sample_offset + i) for i in range(len(prompts))]
         images, trajectories = [], []
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
-        ) as denoiser:
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+            ) as denoiser,
+            self.frozen_modules_in_use("vae"),
+        ):
             for start in range(0, len(prompts), chunk):
                 part = {name: tensor[start : start + chunk] for name, tensor in conditioning.items()}
+                generators = generator[start : start + chunk] if isinstance(generator, list) else generator
                 final_latents, trajectory = self._denoise(
-                    denoiser, part, num_steps, noise_level, trained_steps, generator
+                    denoiser, part, num_steps, noise_level, trained_steps, generators
                 )
                 chunk_images = self.adapter.decode_latents(final_latents)
                 if on_chunk_decoded is not None:
@@ -433,11 +493,13 @@ class FlowGRPOTrainer(GRPOTrainer):
                     futures.append(executor.submit(self._score_locally, rows, chunk_images))
 
                 images, batch, conditioning = self._rollout(
-                    prompts, num_steps, noise_level, trained_steps, seed, on_chunk_decoded=score
+                    prompts, num_steps, noise_level, trained_steps, seed, score, self._sample_offset(len(prompts))
                 )
                 rewards_per_func = gather(torch.cat([future.result() for future in futures]))
         else:
-            images, batch, conditioning = self._rollout(prompts, num_steps, noise_level, trained_steps, seed)
+            images, batch, conditioning = self._rollout(
+                prompts, num_steps, noise_level, trained_steps, seed, sample_offset=self._sample_offset(len(prompts))
+            )
             rewards_per_func = self._calculate_rewards(inputs, prompts, images, [None] * len(prompts))
         advantages = self._advantages_and_reward_metrics(rewards_per_func, mode)
         process_slice = slice(
@@ -452,6 +514,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         if self.log_multimodal:
             self._logs["images"].extend([[image] for image in gather_object(images)])
         self._last_images = images
+        self._last_inputs = inputs  # the rows behind _last_images, for callbacks (RewardHackingGuard)
         self._last_rewards_per_func = rewards_per_func[process_slice].detach().cpu()
 
         batch.update({_CONDITIONING_PREFIX + name: tensor for name, tensor in conditioning.items()})
@@ -534,44 +597,70 @@ class FlowGRPOTrainer(GRPOTrainer):
             prev_sample=inputs["next_latents"][:, k],
         )
 
+    def _step_loss(self, model, inputs: dict[str, torch.Tensor], k: int, stats: dict[str, list]) -> torch.Tensor:
+        """Flow-GRPO's loss of the ``k``-th trained denoising step, averaged over the samples of ``inputs``; the
+        step's diagnostics are appended to ``stats``."""
+        step = self.rescore_step(model, inputs, k)
+        clipped = clipped_policy_loss(
+            step.log_prob, inputs["old_log_probs"][:, k], inputs["advantages"], self.epsilon_low, self.epsilon_high
+        )
+        loss = clipped.loss.mean()
+        if self.beta != 0.0:
+            with torch.no_grad(), self._reference_denoiser(model) as reference:
+                ref_mean = self.rescore_step(reference, inputs, k).mean
+            kl = kl_between_steps(step.mean, ref_mean, step.std)
+            loss = loss + self.beta * kl.mean()
+            stats["kl"].append(kl.detach())
+        stats["low_clipped"].append(clipped.is_low_clipped.float())
+        stats["high_clipped"].append(clipped.is_high_clipped.float())
+        stats["ratio_deviation"].append((clipped.ratio.detach() - 1).abs())
+        return loss
+
     def _compute_loss(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         mode = "train" if self.model.training else "eval"
         old_log_probs = inputs.get("old_log_probs")
         if old_log_probs is None:  # evaluation batches carry no trained steps
             return torch.zeros((), device=self.accelerator.device)
-        advantages = inputs["advantages"]
-        num_steps = old_log_probs.shape[1]
+        batch_size, num_steps = old_log_probs.shape[:2]
+        # GRPOTrainer.loss_is_scaled_for_ga: the loss divides itself for gradient accumulation.
+        scale = 1.0 / num_steps / self.current_gradient_accumulation_steps
+        stats: dict[str, list] = {"kl": [], "low_clipped": [], "high_clipped": [], "ratio_deviation": []}
 
-        total_loss = 0.0
-        kls, low_clipped, high_clipped, ratio_deviation = [], [], [], []
-        for k in range(num_steps):
-            step = self.rescore_step(model, inputs, k)
-            clipped = clipped_policy_loss(
-                step.log_prob, old_log_probs[:, k], advantages, self.epsilon_low, self.epsilon_high
-            )
-            step_loss = clipped.loss.mean()
-            if self.beta != 0.0:
-                with torch.no_grad(), self._reference_denoiser(model) as reference:
-                    ref_mean = self.rescore_step(reference, inputs, k).mean
-                kl = kl_between_steps(step.mean, ref_mean, step.std)
-                step_loss = step_loss + self.beta * kl.mean()
-                kls.append(kl.detach())
-            total_loss = total_loss + step_loss
-            low_clipped.append(clipped.is_low_clipped.float())
-            high_clipped.append(clipped.is_high_clipped.float())
-            ratio_deviation.append((clipped.ratio.detach() - 1).abs())
+        micro_batch_size = self.args.train_micro_batch_size
+        if micro_batch_size is None or not torch.is_grad_enabled():
+            loss = sum(self._step_loss(model, inputs, k, stats) for k in range(num_steps)) * scale
+        else:
+            # Memory saver: backpropagate each (step, micro-batch) part as soon as it is computed, so that only its
+            # activations are alive; the last part is returned for the Trainer's own backward pass. Each part is
+            # weighted by its share of the batch, so gradients and loss equal those of the single pass.
+            parts = [
+                (k, slice(start, start + micro_batch_size))
+                for k in range(num_steps)
+                for start in range(0, batch_size, micro_batch_size)
+            ]
+            done = torch.zeros((), device=self.accelerator.device)
+            for index, (k, rows) in enumerate(parts):
+                part_inputs = {name: tensor[rows] for name, tensor in inputs.items()}
+                part_size = part_inputs["advantages"].shape[0]
+                is_last = index == len(parts) - 1
+                with contextlib.nullcontext() if is_last else self.accelerator.no_sync(model):
+                    part_loss = self._step_loss(model, part_inputs, k, stats) * (part_size / batch_size * scale)
+                    if not is_last:
+                        self.accelerator.backward(part_loss)
+                        done = done + part_loss.detach()
+            loss = part_loss + done  # the value of the whole loss; its gradient is the last part's
 
         gather = self.accelerator.gather
         metrics = self._metrics[mode]
-        if kls:
-            metrics["kl"].append(gather(torch.stack(kls).mean()).nanmean().item())
-        low, high = gather(torch.stack(low_clipped).mean()), gather(torch.stack(high_clipped).mean())
+        if stats["kl"]:
+            metrics["kl"].append(gather(torch.cat([kl.flatten() for kl in stats["kl"]]).mean()).nanmean().item())
+        low = gather(torch.cat(stats["low_clipped"]).mean())
+        high = gather(torch.cat(stats["high_clipped"]).mean())
         metrics["clip_ratio/low_mean"].append(low.nanmean().item())
         metrics["clip_ratio/high_mean"].append(high.nanmean().item())
         metrics["clip_ratio/region_mean"].append((low + high).nanmean().item())
-        metrics["ratio/max_abs_deviation"].append(gather(torch.stack(ratio_deviation).max()).max().item())
-        # GRPOTrainer.loss_is_scaled_for_ga: the loss divides itself for gradient accumulation.
-        return total_loss / num_steps / self.current_gradient_accumulation_steps
+        metrics["ratio/max_abs_deviation"].append(gather(torch.cat(stats["ratio_deviation"]).max()).max().item())
+        return loss
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _setup_lifecycle(self) -> None:
@@ -590,6 +679,15 @@ class FlowGRPOTrainer(GRPOTrainer):
             self.add_callback(EMACallback(self.ema))
         self.add_callback(EvalSamplesCallback(self))
         self.add_callback(RewardCurveCallback())
+        # The reward-hacking guard: added when the config asks for it, and bound to this trainer (whose images it
+        # scores) whether added here or passed in `callbacks=`.
+        if self.args.guard_reward_funcs and not any(
+            isinstance(callback, RewardHackingGuard) for callback in self.callback_handler.callbacks
+        ):
+            self.add_callback(RewardHackingGuard.from_args(self.args))
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, RewardHackingGuard):
+                callback.bind(self)
 
     @contextlib.contextmanager
     def ema_weights(self):

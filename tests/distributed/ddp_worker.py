@@ -1,5 +1,7 @@
-"""Run by `accelerate launch` from tests/distributed/test_ddp.py: a short tiny-SD3 run that records, per rank, the
-rewards it gathered, the advantages it computed and the slice it trained on, plus its final LoRA weights."""
+"""Run by `accelerate launch` from tests/distributed/test_ddp.py (and called in-process there for the 1-process run):
+a short tiny-SD3 run stated in global quantities (`prompts_per_step`) that records, per rank, its effective batch
+quantities, the rewards it gathered, the advantages it computed and the slice it trained on, plus its final LoRA
+weights."""
 
 import json
 import sys
@@ -10,12 +12,16 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from trl_flow import FlowGRPOConfig, FlowGRPOTrainer
+from trl_flow.cli import describe_setup
 from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
+from trl_flow.doctor import effective_quantities
 from trl_flow.tiny import ensure_tiny_sd3
 
 
 class RecordingTrainer(FlowGRPOTrainer):
-    records: list = []
+    def __init__(self, *args, **kwargs):
+        self.records = []
+        super().__init__(*args, **kwargs)
 
     def _advantages_and_reward_metrics(self, rewards_per_func, mode):
         advantages = super()._advantages_and_reward_metrics(rewards_per_func, mode)
@@ -35,7 +41,7 @@ def main(out: Path) -> None:
         max_steps=3,
         per_device_train_batch_size=4,  # 2 processes x 4 = one group of 8 spread over both ranks
         num_generations=8,
-        steps_per_generation=1,
+        prompts_per_step=1,  # 2 processes: 1 micro-batch per rollout batch; 1 process: 2 (gradient accumulation 2)
         num_inference_steps=4,
         height=32,
         width=32,
@@ -57,9 +63,14 @@ def main(out: Path) -> None:
     )
     trainer.train()
     rank = trainer.accelerator.process_index
-    (out / f"rank{rank}.json").write_text(
-        json.dumps({"world_size": trainer.accelerator.num_processes, "records": trainer.records})
-    )
+    world_size = trainer.accelerator.num_processes
+    report = {
+        "world_size": world_size,
+        "quantities": effective_quantities(trainer.args, world_size),
+        "setup": describe_setup(trainer),
+        "records": trainer.records,
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
     weights = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
     save_file({n: w.to(torch.float32) for n, w in weights.items()}, str(out / f"rank{rank}.safetensors"))
 

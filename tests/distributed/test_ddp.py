@@ -1,5 +1,7 @@
 """Two processes on CPU (gloo) through `accelerate launch`: rewards are gathered before group-relative advantages
-are computed, each rank trains on its own slice, and both ranks end with identical weights."""
+are computed, each rank trains on its own slice, and both ranks end with identical weights. The run is stated in
+global quantities (`prompts_per_step`), so the same script on one process reports the same effective quantities and
+computes the same advantages."""
 
 import json
 import os
@@ -59,3 +61,25 @@ def test_ranks_end_with_identical_weights(ddp_run):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert any(rank0[name].abs().sum() > 0 for name in rank0 if "lora_B" in name)  # training moved the LoRA
+
+
+def test_one_process_and_two_processes_run_the_same_recipe(ddp_run, tmp_path):
+    from tests.distributed.ddp_worker import main as run_worker
+
+    _, ranks = ddp_run
+    run_worker(tmp_path)  # the same script in this process: 1 process, so 2 micro-batches per rollout batch
+    single = json.loads((tmp_path / "rank0.json").read_text())
+    assert single["world_size"] == 1
+    assert (single["quantities"]["processes"], ranks[0]["quantities"]["processes"]) == (1, 2)
+    for key in single["quantities"]:  # every global quantity but the number of processes
+        if key != "processes":
+            assert single["quantities"][key] == ranks[0]["quantities"][key] == ranks[1]["quantities"][key], key
+    assert single["quantities"]["unique prompts per rollout batch"] == 1
+    assert single["quantities"]["images per optimizer update"] == 8
+    assert single["setup"].split(";", 1)[1] == ranks[0]["setup"].split(";", 1)[1]  # all but the process count
+    assert len(single["records"]) == len(ranks[0]["records"]) == 3  # rollout batches
+    for one, two in zip(single["records"], ranks[0]["records"], strict=True):
+        # Same images (noise drawn per image from its global index), so the same rewards and advantages; CPU kernels
+        # may round differently for a batch of 8 and two of 4.
+        torch.testing.assert_close(torch.tensor(one["gathered_rewards"]), torch.tensor(two["gathered_rewards"]))
+        torch.testing.assert_close(torch.tensor(one["advantages"]), torch.tensor(two["advantages"]), atol=1e-3, rtol=0)

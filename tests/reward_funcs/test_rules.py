@@ -151,7 +151,7 @@ def test_jpeg_accepts_numpy_arrays() -> None:
 
 
 def test_registry_names() -> None:
-    expected = ["brightness", "jpeg_compressibility", "jpeg_incompressibility", "prompt_color"]
+    expected = ["brightness", "jpeg_compressibility", "jpeg_incompressibility", "mid_grey", "prompt_color"]
     model_based = ["aesthetic", "clipscore", "geneval", "hps", "imagereward", "ocr", "pickscore", "vlm_judge"]
     other_rules = ["mini_geneval"]  # reward_funcs/mini_geneval.py
     assert list_builtin_rewards() == sorted(expected + model_based + other_rules)

@@ -47,6 +47,12 @@ class FlowModelAdapter(ABC):
         """The trainable network (a diffusers transformer)."""
         return self.pipeline.transformer
 
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the denoiser runs. Frozen parts are used here too, but may live on the CPU between uses (offload),
+        so their own device is not a guide."""
+        return self.denoiser.device
+
     @abstractmethod
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """The pipeline parts that are never trained (VAE, text encoders), by attribute name."""

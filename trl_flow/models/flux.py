@@ -60,7 +60,7 @@ class FluxAdapter(PackedLatentsAdapter):
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
-            device=self.pipeline.vae.device,
+            device=self.execution_device,
             max_sequence_length=max_sequence_length,
         )
         # The text position ids are all zeros of the embeddings' length: rebuilt per call, not stored per sample.

@@ -82,7 +82,7 @@ class QwenImageAdapter(PackedLatentsAdapter):
 
     def _encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask = self.pipeline.encode_prompt(
-            prompt=prompts, device=self.pipeline.vae.device, max_sequence_length=max_sequence_length
+            prompt=prompts, device=self.execution_device, max_sequence_length=max_sequence_length
         )
         if mask is None:  # the pipeline drops a mask of all ones
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)

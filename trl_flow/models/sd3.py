@@ -39,7 +39,7 @@ class SD3Adapter(FlowModelAdapter):
         self, prompts: list[str], negative_prompt: str, guidance_scale: float, max_sequence_length: int
     ) -> Conditioning:
         use_cfg = guidance_scale > 1
-        device = self.pipeline.vae.device
+        device = self.execution_device
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
