@@ -597,17 +597,31 @@ class FlowGRPOTrainer(GRPOTrainer):
             prev_sample=inputs["next_latents"][:, k],
         )
 
-    def _step_loss(self, model, inputs: dict[str, torch.Tensor], k: int, stats: dict[str, list]) -> torch.Tensor:
-        """Flow-GRPO's loss of the ``k``-th trained denoising step, averaged over the samples of ``inputs``; the
-        step's diagnostics are appended to ``stats``."""
+    @torch.no_grad()
+    def _reference_means(self, model, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        """The reference policy's step means for every trained step of the batch (None when beta is 0), in one
+        switch to the reference: toggling PEFT's adapters walks the whole model, so it is not done per step."""
+        if self.beta == 0.0:
+            return None
+        with self._reference_denoiser(model) as reference:
+            return [self.rescore_step(reference, inputs, k).mean for k in range(inputs["old_log_probs"].shape[1])]
+
+    def _step_loss(
+        self,
+        model,
+        inputs: dict[str, torch.Tensor],
+        k: int,
+        ref_mean: torch.Tensor | None,
+        stats: dict[str, list],
+    ) -> torch.Tensor:
+        """Flow-GRPO's loss of the ``k``-th trained denoising step, averaged over the samples of ``inputs``
+        (``ref_mean``: the reference's mean of that step, for the KL term); diagnostics are appended to ``stats``."""
         step = self.rescore_step(model, inputs, k)
         clipped = clipped_policy_loss(
             step.log_prob, inputs["old_log_probs"][:, k], inputs["advantages"], self.epsilon_low, self.epsilon_high
         )
         loss = clipped.loss.mean()
-        if self.beta != 0.0:
-            with torch.no_grad(), self._reference_denoiser(model) as reference:
-                ref_mean = self.rescore_step(reference, inputs, k).mean
+        if ref_mean is not None:
             kl = kl_between_steps(step.mean, ref_mean, step.std)
             loss = loss + self.beta * kl.mean()
             stats["kl"].append(kl.detach())
@@ -626,9 +640,13 @@ class FlowGRPOTrainer(GRPOTrainer):
         scale = 1.0 / num_steps / self.current_gradient_accumulation_steps
         stats: dict[str, list] = {"kl": [], "low_clipped": [], "high_clipped": [], "ratio_deviation": []}
 
+        ref_means = self._reference_means(model, inputs)
         micro_batch_size = self.args.train_micro_batch_size
         if micro_batch_size is None or not torch.is_grad_enabled():
-            loss = sum(self._step_loss(model, inputs, k, stats) for k in range(num_steps)) * scale
+            loss = sum(
+                self._step_loss(model, inputs, k, ref_means[k] if ref_means else None, stats) for k in range(num_steps)
+            )
+            loss = loss * scale
         else:
             # Memory saver: backpropagate each (step, micro-batch) part as soon as it is computed, so that only its
             # activations are alive; the last part is returned for the Trainer's own backward pass. Each part is
@@ -644,7 +662,9 @@ class FlowGRPOTrainer(GRPOTrainer):
                 part_size = part_inputs["advantages"].shape[0]
                 is_last = index == len(parts) - 1
                 with contextlib.nullcontext() if is_last else self.accelerator.no_sync(model):
-                    part_loss = self._step_loss(model, part_inputs, k, stats) * (part_size / batch_size * scale)
+                    ref_mean = ref_means[k][rows] if ref_means else None
+                    part_loss = self._step_loss(model, part_inputs, k, ref_mean, stats)
+                    part_loss = part_loss * (part_size / batch_size * scale)
                     if not is_last:
                         self.accelerator.backward(part_loss)
                         done = done + part_loss.detach()

@@ -98,7 +98,13 @@ class FlowModelAdapter(ABC):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the denoiser runs in."""
-        return self.denoiser.dtype
+        # diffusers walks every submodule to answer this, twice per denoising step here; its answer only changes
+        # when the weights are cast or moved (e.g. by DeepSpeed), which changes the first parameter too.
+        first = next(self.denoiser.parameters())
+        key = (first.dtype, first.data_ptr())
+        if getattr(self, "_dtype_key", None) != key:
+            self._dtype_key, self._dtype = key, self.denoiser.dtype
+        return self._dtype
 
     def save_lora_weights(self, output_dir: str, lora_state_dict: dict, lora_config: dict) -> None:
         """Write the denoiser's LoRA in the family's diffusers format (``pipe.load_lora_weights(dir)`` loads it).
