@@ -3,7 +3,7 @@
 With `async_rewards`, each chunk of `rollout_batch_size` images is scored in a worker thread while the next chunk
 denoises. The reward here stands for a remote reward server or a reward model on another device: it waits
 `--reward_ms` per image without using this machine's cores. A CPU-bound reward on the same cores gains little.
-Run: python benchmarks/async_rewards.py [--size small|medium] [--images 16] [--chunk 4] [--reward_ms 50]
+Run: python -m benchmarks.async_rewards [--size small|medium] [--images 16] [--chunk 4] [--reward_ms 50]
 """
 
 from __future__ import annotations

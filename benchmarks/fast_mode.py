@@ -3,7 +3,7 @@
 Full mode runs the SDE on all steps and trains 9 of 10 (the paper). Fast mode (`sde_window_size 2`) runs the SDE on
 a window of 2 steps in the first half of the schedule, the ODE elsewhere, and trains only the window.
 Target: >= 2x less time per step, no worse reward at equal wall-clock.
-Run: python benchmarks/fast_mode.py [--seconds 60] [--window 2]
+Run: python -m benchmarks.fast_mode [--seconds 60] [--window 2]
 """
 
 from __future__ import annotations

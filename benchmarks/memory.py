@@ -3,7 +3,7 @@
 
 Each configuration runs in its own process (peak RSS is per process on CPU; on a GPU the torch allocator's peak is
 reported). The figure is the peak during one rollout + training micro-step minus the memory after set-up.
-Run: python benchmarks/memory.py [--size small|medium] [--images 8]
+Run: python -m benchmarks.memory [--size small|medium] [--images 8]
 """
 
 from __future__ import annotations

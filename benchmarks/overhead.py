@@ -3,7 +3,7 @@
 A "step" here is one generation batch end to end: SDE rollouts (CFG), VAE decode, rewards, advantages, and the
 optimizer updates of all its micro-batches. The baseline makes exactly the same denoiser forward/backward and VAE
 calls on tensors of the same shapes, with nothing else. Target ratio <= 1.10.
-Run: python benchmarks/overhead.py [--size small|medium] [--images 16] [--beta 0.04]
+Run: python -m benchmarks.overhead [--size small|medium] [--images 16] [--beta 0.04]
 """
 
 from __future__ import annotations
@@ -64,22 +64,8 @@ def main() -> None:
         peft_config=LoraConfig(r=32, lora_alpha=64, target_modules=targets, init_lora_weights="gaussian"),
     )
 
-    step_times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            step_times.append(time.perf_counter() - self.start)
-
-    trainer.add_callback(Timer())
-    trainer.train()
-    t_step = min(step_times[1:])  # the first step pays one-off costs (allocations, lazy init)
-
     # The same model calls alone, on random tensors of the same shapes.
     model, vae = trainer.model, pipe.vae
-    optimizer = trainer.optimizer
     latent = resolution // pipe.vae_scale_factor
     n, cfg = args.images, 2
     text = trainer._conditioning(prompts[:n])
@@ -88,6 +74,7 @@ def main() -> None:
     num_trained = config.num_trained_steps
 
     def model_calls():
+        optimizer = trainer.optimizer
         with torch.no_grad():
             x = torch.randn(n * cfg, 16, latent, latent)
             for _ in range(args.steps):
@@ -116,21 +103,34 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
 
-    model_calls()
-    baseline = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        model_calls()
-        baseline.append(time.perf_counter() - start)
-    t_model = min(baseline)
+    # Each optimizer step is followed by the same model calls alone, so that both see the same machine load.
+    step_times: list[float] = []
+    baseline: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            step_times.append(time.perf_counter() - self.start)
+            start = time.perf_counter()
+            model_calls()
+            baseline.append(time.perf_counter() - start)
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    # The first pair pays one-off costs (allocations, lazy initialisation).
+    t_step, t_model = min(step_times[1:]), min(baseline[1:])
+    pair_ratios = sorted(step / alone for step, alone in zip(step_times[1:], baseline[1:], strict=True))
     print(f"machine: {machine()}")
     print(
         f"model: {args.size} SD3-shaped, {resolution} px; {n} images per step ({n // args.group} prompts x "
         f"{args.group}), {args.steps} SDE steps, {num_trained} trained, CFG on, beta {args.beta}, LoRA r32"
     )
     print(f"full Flow-GRPO step (best of {len(step_times) - 1}): {t_step:.3f} s")
-    print(f"same model calls alone (best of {args.repeats}): {t_model:.3f} s")
+    print(f"same model calls alone (best of {len(baseline) - 1}, each right after a step): {t_model:.3f} s")
     print(f"overhead ratio: {t_step / t_model:.3f} (target <= 1.10)")
+    print(f"ratio of each step to the calls right after it: {', '.join(f'{r:.3f}' for r in pair_ratios)}")
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
 
 

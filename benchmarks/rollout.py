@@ -1,7 +1,7 @@
 """Rollout cost: trl-flow's SDE rollout with per-step log-probs vs the plain diffusers pipeline call.
 
 Same prompts, batch, resolution, steps and CFG; both decode to PIL images. Target ratio <= 1.05.
-Run: python benchmarks/rollout.py [--size small|medium] [--batch 8] [--steps 10]
+Run: python -m benchmarks.rollout [--size small|medium] [--batch 8] [--steps 10]
 """
 
 from __future__ import annotations
