@@ -19,7 +19,7 @@ row, same noise).
 
 Targets (issue 11): base held-out score in [0.2, 0.8]; Flow-GRPO raises it by >= 0.15 absolute in < 10 min of
 training on 2 CPU cores; with beta > 0 the KL and the background drift are lower than with beta 0.
-Run: python -m benchmarks.mini_geneval [--steps 60] [--betas 0 0.04] [--threads 1]
+Run: python -m benchmarks.mini_geneval [--steps 120] [--betas 0 0.04] [--threads 1]
 """
 
 from __future__ import annotations

@@ -48,14 +48,14 @@ MINI_GRPO_SETTINGS: dict[str, Any] = {
     "noise_level": 0.7,
     "sde_window_size": 2,
     "sde_window_range": [0, 4],
-    "num_generations": 8,
-    "per_device_train_batch_size": 16,
+    "num_generations": 16,
+    "per_device_train_batch_size": 32,
     "steps_per_generation": 2,
     "learning_rate": 1e-3,
     "beta": 0.0,
     "scale_rewards": "group",
     "reward_weights": list(MINI_REWARD_WEIGHTS),
-    "max_steps": 60,
+    "max_steps": 120,
     "seed": 0,
 }
 """FlowGRPOConfig values of the recipe (beyond output/logging keys)."""
