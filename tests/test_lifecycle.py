@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 from trl.trainer.utils import RepeatSampler
 
-from tests.test_trainer import TINY_LORA_TARGETS
+from tests.factories import tiny_trainer
 from trl_flow import cli
 from trl_flow.callbacks import EvalSample, ParameterEMA, log_samples_to_trackers
 from trl_flow.config import FlowGRPOConfig
@@ -48,40 +47,23 @@ def one_thread():
 
 
 def build_trainer(model_path, output_dir, reward_funcs=("prompt_color",), train_prompts=None, lora=True, **overrides):
-    """The tiny settings of tests.test_trainer.make_trainer, plus an evaluation set (the tiny eval prompts)."""
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=8,
-        steps_per_generation=2,
-        num_inference_steps=6,
-        height=32,
-        width=32,
-        guidance_scale=1.0,
-        max_sequence_length=16,
-        learning_rate=1e-2,
-        beta=0.0,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
+    """The tiny settings of tests.factories, plus an evaluation set (the tiny eval prompts)."""
+    evaluation = dict(
         eval_num_inference_steps=4,
         num_generations_eval=2,
         per_device_eval_batch_size=8,  # the 4 eval prompts x 2 images: one evaluation batch
     )
-    settings.update(overrides)
     train = load_prompt_dataset(str(TINY_PROMPTS_PATH))
     if train_prompts is not None:
         train = train.select(range(train_prompts))
-    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=TINY_LORA_TARGETS, init_lora_weights="gaussian")
-    return FlowGRPOTrainer(
-        str(model_path),
-        reward_funcs=list(reward_funcs),
-        args=FlowGRPOConfig(**settings),
+    return tiny_trainer(
+        model_path,
+        output_dir,
+        reward_funcs=reward_funcs,
+        lora=lora,
         train_dataset=train,
         eval_dataset=load_prompt_dataset(str(TINY_EVAL_PROMPTS_PATH)),
-        peft_config=peft_config if lora else None,
+        **{**evaluation, **overrides},
     )
 
 

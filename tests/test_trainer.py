@@ -2,61 +2,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from peft import LoraConfig
 from trl import GRPOTrainer
 
 from reward_funcs.rules import prompt_color
-from trl_flow.config import FlowGRPOConfig
-from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
-from trl_flow.trainer import FlowGRPOTrainer
-
-# The pooled-text -> AdaLN path carries the prompt most directly into a random tiny transformer, so the tiny
-# runs train it too (real SD3.5 recipes keep the paper's attention-only targets).
-TINY_LORA_TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "norm1.linear",
-    "norm1_context.linear",
-    "norm_out.linear",
-    "time_text_embed.text_embedder.linear_1",
-    "time_text_embed.text_embedder.linear_2",
-]
+from tests.factories import tiny_trainer
 
 
 def make_trainer(model_path, tmp_path, reward_funcs=("prompt_color",), lora=True, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=8,
-        steps_per_generation=2,
-        num_inference_steps=6,
-        height=32,
-        width=32,
-        guidance_scale=1.0,
-        max_sequence_length=16,
-        learning_rate=1e-2,
-        beta=0.0,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=TINY_LORA_TARGETS, init_lora_weights="gaussian")
-    return FlowGRPOTrainer(
-        str(model_path),
-        reward_funcs=list(reward_funcs),
-        args=FlowGRPOConfig(**settings),
-        train_dataset=load_prompt_dataset(str(TINY_PROMPTS_PATH)),
-        peft_config=peft_config if lora else None,
-    )
+    return tiny_trainer(model_path, tmp_path / "out", reward_funcs=reward_funcs, lora=lora, **overrides)
 
 
 def logged(trainer, key):

@@ -4,14 +4,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from peft import LoraConfig
 
 from reward_funcs.rules import prompt_color
-from trl_flow.config import FlowGRPOConfig
-from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
+from tests.factories import tiny_trainer
 from trl_flow.models import FluxAdapter
 from trl_flow.models.packed import pack_latents, unpack_latents
-from trl_flow.trainer import FlowGRPOTrainer
 
 # The official attention targets plus the AdaLN modulations and the pooled-text embedder, which carry the prompt most
 # directly into a random tiny transformer (as the tiny SD3 tests do).
@@ -54,33 +51,8 @@ def tiny_schnell_path(tiny_flux_path, tmp_path_factory):
 
 
 def make_trainer(model_path, tmp_path, lora=True, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=8,
-        steps_per_generation=2,
-        num_inference_steps=6,
-        height=32,
-        width=32,
-        guidance_scale=3.5,
-        max_sequence_length=16,
-        learning_rate=1e-2,
-        beta=0.0,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=TINY_FLUX_LORA_TARGETS, init_lora_weights="gaussian")
-    return FlowGRPOTrainer(
-        str(model_path),
-        reward_funcs=["prompt_color"],
-        args=FlowGRPOConfig(**settings),
-        train_dataset=load_prompt_dataset(str(TINY_PROMPTS_PATH)),
-        peft_config=peft_config if lora else None,
-    )
+    settings = {"guidance_scale": 3.5, **overrides}
+    return tiny_trainer(model_path, tmp_path / "out", TINY_FLUX_LORA_TARGETS, lora=lora, **settings)
 
 
 def pipeline_images(pipe, seed=3, steps=5, guidance_scale=3.5, height=32, width=32):

@@ -4,13 +4,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import QwenImagePipeline
-from peft import LoraConfig
 
 from reward_funcs.rules import prompt_color
-from trl_flow.config import FlowGRPOConfig
-from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
+from tests.factories import tiny_trainer
 from trl_flow.models import QwenImageAdapter
-from trl_flow.trainer import FlowGRPOTrainer
 
 # Prompts of different token lengths: the shorter one's embeddings are padded and masked.
 PROMPTS = ["a red image", "something very dark blue"]
@@ -25,34 +22,9 @@ def tiny_qwen_image_path():
 
 
 def make_trainer(model_path, tmp_path, reward_funcs=("prompt_color",), **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=8,
-        steps_per_generation=2,
-        num_inference_steps=6,
-        height=32,
-        width=32,
-        guidance_scale=4.0,
-        negative_prompt=NEGATIVE,
-        max_sequence_length=16,
-        learning_rate=1e-2,
-        beta=0.0,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    targets = list(QwenImageAdapter.default_lora_target_modules)
-    return FlowGRPOTrainer(
-        str(model_path),
-        reward_funcs=list(reward_funcs),
-        args=FlowGRPOConfig(**settings),
-        train_dataset=load_prompt_dataset(str(TINY_PROMPTS_PATH)),
-        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="gaussian"),
-    )
+    settings = {"guidance_scale": 4.0, "negative_prompt": NEGATIVE, **overrides}
+    targets = QwenImageAdapter.default_lora_target_modules
+    return tiny_trainer(model_path, tmp_path / "out", targets, reward_funcs=reward_funcs, **settings)
 
 
 def pipeline_images(pipe, true_cfg_scale, seed=3, steps=5, height=32, width=32):
