@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reward_funcs._checkpoint import read_state_dict
 from reward_funcs._common import cached, check_batch_size, check_lengths, resolve_device
 from trl_flow.errors import UserInputError
 
@@ -90,29 +91,14 @@ def load_linear_head(path: str | os.PathLike[str], reward: str = "aesthetic") ->
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserInputError(f"reward '{reward}': aesthetic predictor weights '{file}' do not exist.")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file), device="cpu")
-        elif file.suffix in _PICKLE_SUFFIXES:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        else:
-            raise UserInputError(
-                f"reward '{reward}': aesthetic predictor weights must be a .safetensors file or a PyTorch state "
-                f"dict ({', '.join(_PICKLE_SUFFIXES)}), got '{file.name}'."
-            )
-    except UserInputError:
-        raise
-    except Exception as e:
+    if file.suffix != ".safetensors" and file.suffix not in _PICKLE_SUFFIXES:
         raise UserInputError(
-            f"reward '{reward}': could not read aesthetic predictor weights '{file}' (loaded with "
-            f"weights_only=True: plain tensors only): {type(e).__name__}: {e}"
-        ) from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+            f"reward '{reward}': aesthetic predictor weights must be a .safetensors file or a PyTorch state "
+            f"dict ({', '.join(_PICKLE_SUFFIXES)}), got '{file.name}'."
+        )
+    state = read_state_dict(str(file), reward)
     layers: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in state.items() if isinstance(state, dict) else []:
+    for key, value in state.items():
         match = _LAYER_KEY.match(str(key))
         if match and isinstance(value, torch.Tensor):
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = value
