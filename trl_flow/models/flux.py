@@ -66,20 +66,6 @@ class FluxAdapter(PackedLatentsAdapter):
         # The text position ids are all zeros of the embeddings' length: rebuilt per call, not stored per sample.
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def prepare_latents(
-        self, batch_size: int, height: int, width: int, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        packed, _ = self.pipeline.prepare_latents(
-            batch_size,
-            self.denoiser.config.in_channels // 4,
-            height,
-            width,
-            self.dtype,
-            self.denoiser.device,
-            generator,
-        )
-        return self._unpack_drawn(packed, height, width)
-
     def predict_velocity(
         self,
         denoiser: DenoiserCall,

@@ -77,8 +77,20 @@ class PackedLatentsAdapter(FlowModelAdapter):
             scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
         return scheduler.sigmas.float()
 
-    def _unpack_drawn(self, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The pipeline's packed initial noise back on the spatial latent grid."""
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The pipeline's own initial noise (drawn packed, as it draws it), on the spatial latent grid."""
+        drawn = self.pipeline.prepare_latents(
+            batch_size,
+            self.denoiser.config.in_channels // 4,
+            height,
+            width,
+            self.dtype,
+            self.execution_device,
+            generator,
+        )
+        packed = drawn[0] if isinstance(drawn, tuple) else drawn  # FLUX also returns its image position ids
         return unpack_latents(packed, *self.latent_size(height, width))
 
     def _timestep(self, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

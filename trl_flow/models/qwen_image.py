@@ -103,20 +103,6 @@ class QwenImageAdapter(PackedLatentsAdapter):
         length = max(tensor.shape[1] for tensor in conditioning.values())
         return {name: _pad_to(tensor, length) for name, tensor in conditioning.items()}
 
-    def prepare_latents(
-        self, batch_size: int, height: int, width: int, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        packed = self.pipeline.prepare_latents(
-            batch_size,
-            self.denoiser.config.in_channels // 4,
-            height,
-            width,
-            self.dtype,
-            self.denoiser.device,
-            generator,
-        )
-        return self._unpack_drawn(packed, height, width)
-
     def predict_velocity(
         self,
         denoiser: DenoiserCall,

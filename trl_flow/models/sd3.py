@@ -64,7 +64,7 @@ class SD3Adapter(FlowModelAdapter):
             height,
             width,
             self.dtype,
-            self.denoiser.device,
+            self.execution_device,
             generator,
         )
 
