@@ -50,7 +50,8 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -506,22 +507,46 @@ def _install(tmp: pathlib.Path, target: pathlib.Path, keep_complete: bool) -> No
     raise RuntimeError(f"could not install the tiny SD3 build at {target}")
 
 
-def _build_into(target: pathlib.Path, seed: int, keep_complete: bool) -> pathlib.Path:
+def save_build(
+    target: pathlib.Path, build: Callable[[], tuple[Any, dict]], marker: dict, keep_complete: bool
+) -> pathlib.Path:
+    """Save the pipeline ``build()`` returns (with its VAE metrics) as a complete build at ``target``.
+
+    Shared by the tiny builders of every family. The caller's global torch RNG state is left untouched. The folder
+    is written next to ``target`` and renamed into place with the marker file ``marker`` written last, so readers
+    never see a partial build (replacement rules: `_install`).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0o700 mode would end up on the installed directory; os.mkdir honours umask.
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         with torch.random.fork_rng(devices=[]):
-            pipe, metrics = _build_pipeline(seed)
+            pipe, metrics = build()
         pipe.save_pretrained(tmp, safe_serialization=True)
-        marker = {"version": TINY_SD3_VERSION, "seed": seed, "vae": metrics}
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        (tmp / MARKER_FILE).write_text(json.dumps({**marker, "vae": metrics}, indent=2) + "\n")
         _install(tmp, target, keep_complete=keep_complete)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def ensure_build(target: pathlib.Path, build_into: Callable[[pathlib.Path], pathlib.Path]) -> pathlib.Path:
+    """``target`` if it holds a complete build, else ``build_into(target)`` under a lock file next to it (the
+    check is repeated under the lock, so concurrent callers build once)."""
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target):
+        if _is_complete(target):
+            return target
+        return build_into(target)
+
+
+def _build_into(target: pathlib.Path, seed: int, keep_complete: bool) -> pathlib.Path:
+    marker = {"version": TINY_SD3_VERSION, "seed": seed}
+    return save_build(target, lambda: _build_pipeline(seed), marker, keep_complete)
 
 
 def build_tiny_sd3(output_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
@@ -547,10 +572,4 @@ def ensure_tiny_sd3(path: str | os.PathLike | None = None) -> pathlib.Path:
     loser of the final rename uses the winner's build).
     """
     target = pathlib.Path(path if path is not None else default_cache_dir()).expanduser().absolute()
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target):
-        if _is_complete(target):
-            return target
-        return _build_into(target, seed=0, keep_complete=True)
+    return ensure_build(target, lambda folder: _build_into(folder, seed=0, keep_complete=True))

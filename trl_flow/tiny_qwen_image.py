@@ -37,11 +37,8 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import shutil
-import uuid
 from collections.abc import Sequence
 
 import torch
@@ -338,20 +335,8 @@ def _build_pipeline(seed: int):
 
 
 def _build_into(target: pathlib.Path, seed: int, keep_complete: bool) -> pathlib.Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            pipe, metrics = _build_pipeline(seed)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        marker = {"version": TINY_QWEN_IMAGE_VERSION, "seed": seed, "vae": metrics}
-        (tmp / tiny.MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        tiny._install(tmp, target, keep_complete=keep_complete)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    marker = {"version": TINY_QWEN_IMAGE_VERSION, "seed": seed}
+    return tiny.save_build(target, lambda: _build_pipeline(seed), marker, keep_complete)
 
 
 def build_tiny_qwen_image(output_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
@@ -371,10 +356,4 @@ def ensure_tiny_qwen_image(path: str | os.PathLike | None = None) -> pathlib.Pat
     :func:`default_qwen_image_cache_dir`), building it (seed 0) if needed; concurrent callers are serialised by a
     lock file next to it."""
     target = pathlib.Path(path if path is not None else default_qwen_image_cache_dir()).expanduser().absolute()
-    if tiny._is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tiny._file_lock(target):
-        if tiny._is_complete(target):
-            return target
-        return _build_into(target, seed=0, keep_complete=True)
+    return tiny.ensure_build(target, lambda folder: _build_into(folder, seed=0, keep_complete=True))
