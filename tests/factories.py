@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 
+import torch
 from peft import LoraConfig
 
 from trl_flow.config import FlowGRPOConfig
@@ -68,3 +69,18 @@ def tiny_trainer(
         eval_dataset=eval_dataset,
         peft_config=peft_config if lora else None,
     )
+
+
+def sample_tiny_sd3(pipe):
+    """Two fixed-seed 32 px images (4 steps, no CFG) from a plain diffusers pipeline, as a numpy array: the same call
+    before and after loading a LoRA shows what the LoRA changes."""
+    return pipe(
+        ["a red image", "a blue image"],
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        max_sequence_length=16,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.factories import sample_tiny_sd3
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO_ROOT / "recipes" / "tiny.yaml"
 SUMMARY_LINE = re.compile(r"^reward: -?\d+\.\d{4} -> -?\d+\.\d{4}", re.MULTILINE)
@@ -156,16 +158,7 @@ def test_saved_lora_loads_into_plain_diffusers_pipeline(tiny_run, tiny_sd3_path)
     pipe.set_progress_bar_config(disable=True)
 
     def sample():
-        return pipe(
-            ["a red image", "a blue image"],
-            height=32,
-            width=32,
-            num_inference_steps=4,
-            max_sequence_length=16,
-            guidance_scale=1.0,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images
+        return sample_tiny_sd3(pipe)
 
     base = sample()
     np.testing.assert_array_equal(base, sample())  # same seed, same images: a difference below is the LoRA's

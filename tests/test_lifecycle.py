@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 from trl.trainer.utils import RepeatSampler
 
-from tests.factories import tiny_trainer
+from tests.factories import sample_tiny_sd3, tiny_trainer
 from trl_flow import cli
 from trl_flow.callbacks import EvalSample, ParameterEMA, log_samples_to_trackers
 from trl_flow.config import FlowGRPOConfig
@@ -402,16 +402,7 @@ def test_checkpoint_lora_loads_into_a_plain_diffusers_pipeline(killed_and_resume
     pipe.set_progress_bar_config(disable=True)
 
     def sample():
-        return pipe(
-            ["a red image", "a blue image"],
-            height=32,
-            width=32,
-            num_inference_steps=4,
-            max_sequence_length=16,
-            guidance_scale=1.0,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images
+        return sample_tiny_sd3(pipe)
 
     base = sample()
     pipe.load_lora_weights(str(checkpoint), adapter_name="raw")
