@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from trl_flow.errors import UserInputError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -31,6 +32,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "to_pil_rgb",
+    "to_rgb_array",
 ]
 
 _CACHE: dict[tuple[Any, ...], Any] = {}
@@ -208,6 +210,13 @@ def to_pil_rgb(image: Any) -> Image.Image:
     from reward_funcs.rules import _to_pil
 
     return _to_pil(image)
+
+
+def to_rgb_array(image: Any) -> np.ndarray:
+    """A completion as a float32 HxWx3 array in [0, 1] (PIL images of any mode, uint8 or float arrays)."""
+    from reward_funcs.rules import _to_rgb_array
+
+    return _to_rgb_array(image)
 
 
 def check_lengths(prompts: Sequence[Any], completions: Sequence[Any], reward: str) -> None:

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from reward_funcs._common import to_pil_rgb, to_rgb_array
 
 from .errors import UserInputError
 from .rewards import call_reward_func, resolve_reward_funcs, reward_func_name, validate_rewards
@@ -58,19 +59,9 @@ _DIVERSITY = "diversity"
 
 
 # ------------------------------------------------------------------------------------------------ image statistics
-def _rgb(image: Any) -> np.ndarray:
-    """An image (PIL or HxWx3 array, uint8 or float in [0, 1]) as float32 HxWx3 in [0, 1]."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    array = np.asarray(image)
-    if array.dtype == np.uint8:
-        return array[..., :3].astype(np.float32) / 255.0
-    return array[..., :3].astype(np.float32)
-
-
 def mean_saturation(image: Any) -> float:
     """Mean HSV saturation, ``(max - min) / max`` over RGB per pixel (0 for black), in [0, 1]."""
-    rgb = _rgb(image)
+    rgb = to_rgb_array(image)
     high, low = rgb.max(axis=-1), rgb.min(axis=-1)
     saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-12), 0.0)
     return float(saturation.mean())
@@ -78,7 +69,7 @@ def mean_saturation(image: Any) -> float:
 
 def edge_density(image: Any, threshold: float = EDGE_THRESHOLD) -> float:
     """Fraction of pixels whose luminance gradient (forward differences) exceeds ``threshold`` (0-1 scale)."""
-    rgb = _rgb(image)
+    rgb = to_rgb_array(image)
     luminance = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if min(luminance.shape) < 2:
         return 0.0
@@ -89,9 +80,7 @@ def edge_density(image: Any, threshold: float = EDGE_THRESHOLD) -> float:
 
 def thumbnail(image: Any, size: int = DIVERSITY_SIZE) -> np.ndarray:
     """The image at most ``size`` px on its longer side, as uint8 HxWx3 (what diversity is measured on)."""
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.clip(_rgb(image) * 255 + 0.5, 0, 255).astype(np.uint8))
-    image = image.convert("RGB")
+    image = to_pil_rgb(image)
     if max(image.size) > size:
         scale = size / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
