@@ -17,12 +17,6 @@ import torch
 
 from benchmarks.common import machine
 
-TINY_LORA_TARGETS = [
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "norm1.linear", "norm1_context.linear", "norm_out.linear",
-    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
-]  # fmt: skip
-
 
 def run(window: int, seconds: float, steps: int):
     from peft import LoraConfig
@@ -31,7 +25,7 @@ def run(window: int, seconds: float, steps: int):
     from reward_funcs.rules import prompt_color
     from trl_flow import FlowGRPOConfig, FlowGRPOTrainer
     from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
-    from trl_flow.tiny import ensure_tiny_sd3
+    from trl_flow.tiny import TINY_SD3_LORA_TARGETS, ensure_tiny_sd3
 
     config = FlowGRPOConfig(
         output_dir=tempfile.mkdtemp(),
@@ -58,7 +52,9 @@ def run(window: int, seconds: float, steps: int):
         ["prompt_color"],
         config,
         train_dataset=load_prompt_dataset(str(TINY_PROMPTS_PATH)),
-        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=TINY_LORA_TARGETS, init_lora_weights="gaussian"),
+        peft_config=LoraConfig(
+            r=8, lora_alpha=16, target_modules=list(TINY_SD3_LORA_TARGETS), init_lora_weights="gaussian"
+        ),
     )
 
     class Budget(TrainerCallback):

@@ -7,25 +7,8 @@ from peft import LoraConfig
 
 from trl_flow.config import FlowGRPOConfig
 from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
+from trl_flow.tiny import TINY_SD3_LORA_TARGETS
 from trl_flow.trainer import FlowGRPOTrainer
-
-# The pooled-text -> AdaLN path carries the prompt most directly into a random tiny transformer, so the tiny
-# runs train it too (real SD3.5 recipes keep the paper's attention-only targets).
-TINY_SD3_LORA_TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "norm1.linear",
-    "norm1_context.linear",
-    "norm_out.linear",
-    "time_text_embed.text_embedder.linear_1",
-    "time_text_embed.text_embedder.linear_2",
-]
 
 #: A few seconds per run on 2 CPU cores: 32 px, 6 denoising steps, one prompt's group of 8 per micro-batch.
 TINY_TRAINING = dict(
@@ -50,7 +33,7 @@ TINY_TRAINING = dict(
 def tiny_trainer(
     model_path,
     output_dir,
-    lora_targets: Sequence[str] = tuple(TINY_SD3_LORA_TARGETS),
+    lora_targets: Sequence[str] = TINY_SD3_LORA_TARGETS,
     reward_funcs=("prompt_color",),
     lora: bool = True,
     train_dataset=None,

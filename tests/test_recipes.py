@@ -43,3 +43,11 @@ def test_paper_recipe_without_its_prompt_folder_names_it(tmp_path, capsys):
                  "--output_dir", str(tmp_path / "out")])  # fmt: skip
     assert code == 2
     assert "dataset/ocr" in capsys.readouterr().err
+
+
+def test_tiny_recipe_trains_the_tiny_lora_targets():
+    # The tests and benchmarks train TINY_SD3_LORA_TARGETS: the demo recipe must mean the same model.
+    from trl_flow.tiny import TINY_SD3_LORA_TARGETS
+
+    _, _, model = parse_grpo_args(["--recipe", "recipes/tiny.yaml"])
+    assert model.lora_target_modules == list(TINY_SD3_LORA_TARGETS)

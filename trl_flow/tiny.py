@@ -64,6 +64,7 @@ __all__ = [
     "default_cache_dir",
     "ensure_tiny_sd3",
     "synthetic_images",
+    "TINY_SD3_LORA_TARGETS",
 ]
 
 TINY_SD3_VERSION: str = "1"
@@ -80,6 +81,25 @@ TINY_LATENT_CHANNELS: int = 4
 
 MARKER_FILE: str = ".complete"
 """Name of the file written last into a finished build directory."""
+
+TINY_SD3_LORA_TARGETS: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "norm1.linear",
+    "norm1_context.linear",
+    "norm_out.linear",
+    "time_text_embed.text_embedder.linear_1",
+    "time_text_embed.text_embedder.linear_2",
+)
+"""LoRA targets of the tiny runs (recipes/tiny.yaml, tests, benchmarks): the paper's attention projections plus the
+pooled-text -> AdaLN path, which carries the prompt most directly into a random tiny transformer (real SD3.5
+recipes keep the attention-only targets)."""
 
 _CACHE_ENV = "TRL_FLOW_CACHE"
 _CLIP_MAX_LENGTH = 77  # the SD3 pipeline pads CLIP prompts to tokenizer.model_max_length
