@@ -2,7 +2,7 @@
 
 For each beta, a fresh LoRA is trained with the settings of ``recipes/mini_geneval.yaml`` (train prompts, partial
 credit reward) for a fixed number of optimizer steps; then the base model (LoRA disabled) and the trained policy
-generate images for the held-out prompts (colour-shape pairs never seen in pretraining nor RL) with the ODE sampler
+generate images for the held-out prompts (combinations never seen in pretraining nor RL) with the ODE sampler
 and the same initial noise, and are scored with the strict mini-GenEval rules:
 
 * score: GenEval's overall score (mean over the single_object / two_object tags of the fraction of fully correct
@@ -91,7 +91,13 @@ def save_grid(base: list, trained: list, path: pathlib.Path) -> None:
 
 
 def run(
-    beta: float, steps: int, rows: list[dict], seeds: int, output: pathlib.Path, base: dict | None
+    beta: float,
+    steps: int,
+    rows: list[dict],
+    seeds: int,
+    output: pathlib.Path,
+    base: dict | None,
+    model_path: str | None = None,
 ) -> tuple[dict, dict]:
     """Train one LoRA with ``beta`` and score base (once) and trained samples; write its curve and grid."""
     from trl_flow.mini.evaluate import score_images
@@ -100,7 +106,7 @@ def run(
 
     repeated = [row for row in rows for _ in range(seeds)]
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = make_mini_trainer(output_dir, beta=beta, max_steps=steps)
+        trainer = make_mini_trainer(output_dir, model_path=model_path, beta=beta, max_steps=steps)
         result: dict = {"beta": beta, "steps": steps}
         if base is None:
             images = generate(trainer, rows, seeds, base=True)
@@ -139,10 +145,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
-    parser.add_argument("--two-object", type=int, default=45, help="held-out two-object prompts (all 15 singles)")
+    parser.add_argument("--two-object", type=int, default=48, help="held-out two-object prompts (all 12 singles)")
     parser.add_argument("--seeds", type=int, default=2, help="images per held-out prompt")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default="outputs/mini_geneval_benchmark")
+    parser.add_argument("--model", default=None, help="mini SD3 folder (default: the shipped build)")
     parser.add_argument("--override", default="{}", help="JSON dict of FlowGRPOConfig overrides (experiments)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,7 +167,7 @@ def main() -> None:
     results, base = [], None
     start = time.perf_counter()
     for beta in args.betas:
-        result, base = run(beta, steps, rows, args.seeds, output, base)
+        result, base = run(beta, steps, rows, args.seeds, output, base, args.model)
         results.append(result)
         print(f"beta {beta:g} done ({time.perf_counter() - start:.0f} s)", flush=True)
     total = time.perf_counter() - start

@@ -13,11 +13,11 @@ from trl_flow.data import load_prompt_dataset
 from trl_flow.mini.data import (
     BACKGROUND,
     COLORS,
-    HELD_OUT_PAIRS,
     IMAGE_SIZE,
     PROMPTS_DIR,
     all_prompts,
     box_region,
+    held_out_combinations,
     metadata_rows,
     sample_images,
     split_prompts,
@@ -38,17 +38,23 @@ def test_images_are_deterministic_for_a_seed() -> None:
     assert 0.3 < np.mean([len(train[i].objects) == 1 for i in index_a]) < 0.7
 
 
-def test_split_holds_out_whole_colour_shape_pairs() -> None:
+def test_split_holds_out_whole_combinations() -> None:
     train, test = split_prompts()
     assert len(train) + len(test) == len(all_prompts()) == 60 + 384
-    held = set(HELD_OUT_PAIRS)
-    assert not any(obj in held for spec in train for obj in spec.objects)
-    assert all(any(obj in held for obj in spec.objects) for spec in test)
-    # every held-out pair is tested alone; every colour and every shape still appears in train
-    assert {spec.objects[0] for spec in test if len(spec.objects) == 1} == held
-    assert {c for spec in train for c, _ in spec.objects} == set(COLORS)
-    assert {s for spec in train for _, s in spec.objects} == {"circle", "square", "triangle"}
-    assert len({spec.prompt for spec in all_prompts()}) == len(all_prompts())
+    assert len(train) == 48 + 288 and len(test) == 12 + 96
+    placements, object_pairs = held_out_combinations()
+    assert len(placements) == 12 and len(object_pairs) == 12
+    # a held-out object pair is never drawn together in train, in either order or any relation
+    assert not any(frozenset(spec.objects) in object_pairs for spec in train if len(spec.objects) == 2)
+    assert {frozenset(spec.objects) for spec in test if len(spec.objects) == 2} == object_pairs
+    assert {(spec.objects[0], spec.region) for spec in test if len(spec.objects) == 1} == placements
+    # every part of a test prompt is seen in train: each object alone and in pairs, each region, each relation
+    objects = {(color, shape) for color in COLORS for shape in ("circle", "square", "triangle")}
+    assert {spec.objects[0] for spec in train if len(spec.objects) == 1} == objects
+    assert {obj for spec in train if len(spec.objects) == 2 for obj in spec.objects} == objects
+    assert {spec.region for spec in train if spec.region} == {"left", "right", "top", "bottom", "centre"}
+    assert {spec.relation for spec in train if spec.relation} == {"left of", "right of", "above", "below"}
+    assert not {spec.prompt for spec in train} & {spec.prompt for spec in test}
 
 
 def test_metadata_is_geneval_style() -> None:
@@ -70,7 +76,7 @@ def test_shipped_prompt_folder_matches_the_generator(tmp_path) -> None:
     assert test_path.read_text() == (PROMPTS_DIR / "test_metadata.jsonl").read_text()
     train = load_prompt_dataset(str(PROMPTS_DIR), split="train")
     test = load_prompt_dataset(str(PROMPTS_DIR), split="test")
-    assert len(train) == 261 and len(test) == 183
+    assert len(train) == 336 and len(test) == 108
     assert train[0]["include"] == json.loads(train_path.read_text().splitlines()[0])["include"]
 
 

@@ -58,11 +58,11 @@ def test_loads_with_plain_diffusers_and_generates(pipe) -> None:
 
 
 def test_held_out_single_objects_score_above_chance(pipe) -> None:
-    """Held-out single-object prompts (colour-shape pairs never trained on), 2 images each, strict score.
+    """Held-out single-object prompts (an object in a region it was never drawn in), 2 images each, strict score.
 
-    Chance (a random shape, colour and region) is 1/3 * 1/4 * 1/5 = 1/60 ~ 0.017; measured on 2 CPU cores: 0.367
-    (11 of 30). The colour check of the rules needs the right shape too (GenEval looks for the colour among the
-    objects of the prompt's class), so it is not tested apart. The red squares come out as circles: room for RL.
+    Chance (a random shape, colour and region) is 1/3 * 1/4 * 1/5 = 1/60 ~ 0.017; measured on 2 CPU cores: 0.625
+    (15 of 24). The colour check of the rules needs the right shape too (GenEval looks for the colour among the
+    objects of the prompt's class), so it is not tested apart.
     """
     rows = evaluation_rows("test", num_two_object=0) * 2
     images = generate(pipe, [row["prompt"] for row in rows], seed=1234)

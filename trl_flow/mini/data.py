@@ -18,9 +18,12 @@ items; a two-object prompt lists the reference object first and the other one wi
 ``"region"``, that the GenEval rules ignore and :mod:`reward_funcs.mini_geneval` checks. Rows carry ``prompt``,
 ``tag`` and ``include`` (no ``exclude``: there are no counting prompts).
 
-The train/test split holds out whole colour-shape pairs (:data:`HELD_OUT_PAIRS`): a prompt is in the test split
-when any of its objects is a held-out pair, so neither pretraining nor RL ever sees e.g. a red square, and the
-held-out score measures composition, not memory.
+The train/test split holds out whole combinations (:func:`held_out_combinations`): every colour-shape pair is
+seen, but some pairs of objects never appear together and some objects never in some regions. A two-object prompt
+is a test prompt when its two objects form a held-out pair (in either order, every relation); a single-object prompt
+when its object and region are a held-out placement. Neither pretraining nor RL sees a test prompt or a drawing of
+one, so the held-out score measures composition, not memory (GenEval's test prompts are likewise new combinations
+of classes every model has seen).
 
 Everything is deterministic for a seed (numpy ``PCG64``); object sizes and positions are jittered, and pairs are
 redrawn until the drawing satisfies its own metadata under the GenEval position rule and the objects do not touch.
@@ -33,7 +36,7 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +47,6 @@ from reward_funcs.geneval import Detection, relative_position
 __all__ = [
     "BACKGROUND",
     "COLORS",
-    "HELD_OUT_PAIRS",
     "IMAGE_SIZE",
     "PROMPTS_DIR",
     "REGIONS",
@@ -54,6 +56,7 @@ __all__ = [
     "PromptSpec",
     "all_prompts",
     "box_region",
+    "held_out_combinations",
     "metadata_rows",
     "object_box",
     "render",
@@ -85,9 +88,6 @@ REGIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 """GenEval relations between two objects (the first object relative to the second, y growing downwards)."""
-
-HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "square"), ("green", "triangle"), ("blue", "circle"))
-"""(colour, shape) pairs that appear only in the test split."""
 
 PROMPTS_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent / "prompts"
 """The shipped prompt folder (flow_grpo layout: ``train_metadata.jsonl`` / ``test_metadata.jsonl``)."""
@@ -189,14 +189,32 @@ def all_prompts() -> list[PromptSpec]:
     return specs
 
 
-def split_prompts(
-    held_out: Iterable[tuple[str, str]] = HELD_OUT_PAIRS,
-) -> tuple[list[PromptSpec], list[PromptSpec]]:
-    """``(train, test)``: a prompt is a test prompt when one of its objects is a held-out (colour, shape) pair."""
-    held = set(held_out)
+def held_out_combinations() -> tuple[set[tuple[tuple[str, str], str]], set[frozenset[tuple[str, str]]]]:
+    """``(placements, object_pairs)`` that only the test split contains.
+
+    * placements: one region per colour-shape pair, ``REGIONS[i % 5]`` for the i-th pair (colour-major order), so
+      each object keeps four train regions and each region is held out for some objects;
+    * object pairs: every fourth unordered pair of differently-shaped objects (12 of 48), so each object still
+      meets most partners in train.
+    """
+    objects = [(color, shape) for color in COLORS for shape in SHAPES]
+    placements = {(obj, REGIONS[i % len(REGIONS)]) for i, obj in enumerate(objects)}
+    unordered = [frozenset((a, b)) for a, b in itertools.combinations(objects, 2) if a[1] != b[1]]
+    return placements, set(unordered[::4])
+
+
+def _is_held_out(spec: PromptSpec) -> bool:
+    placements, object_pairs = held_out_combinations()
+    if len(spec.objects) == 1:
+        return (spec.objects[0], spec.region) in placements
+    return frozenset(spec.objects) in object_pairs
+
+
+def split_prompts() -> tuple[list[PromptSpec], list[PromptSpec]]:
+    """``(train, test)``: a test prompt is a held-out combination (:func:`held_out_combinations`)."""
     train, test = [], []
     for spec in all_prompts():
-        (test if any(obj in held for obj in spec.objects) else train).append(spec)
+        (test if _is_held_out(spec) else train).append(spec)
     return train, test
 
 
