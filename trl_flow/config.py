@@ -124,6 +124,16 @@ class FlowGRPOConfig(GRPOConfig):
             "(the high-noise half of the schedule, where the official fast recipes put it)."
         },
     )
+    antithetic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw each group's training images in mirrored pairs: the same initial noise and opposite SDE "
+            "noise (eps, -eps). Each image is still an exact sample of the policy, but reward variation that does "
+            "not flip with the noise (the initial noise's, even terms) cancels in the pair, so the policy gradient "
+            "is less noisy at small batches. Needs an even num_generations and an even number of images per "
+            "process and rollout chunk."
+        },
+    )
     rollout_batch_size: int | None = field(
         default=None,
         metadata={
@@ -313,6 +323,22 @@ class FlowGRPOConfig(GRPOConfig):
             self._check_derived_world_size()  # TRL's batch checks fail first when the process count was misread
             raise
         self._check_derived_world_size()
+        if self.antithetic_sampling:
+            self._check_antithetic_pairs()
+
+    def _check_antithetic_pairs(self) -> None:
+        """Mirrored pairs must not straddle a group, a process or a rollout chunk."""
+        local = self.per_device_train_batch_size * self.steps_per_generation
+        for name, value in (
+            ("num_generations", self.num_generations),
+            ("per_device_train_batch_size x steps_per_generation", local),
+            ("rollout_batch_size", self.rollout_batch_size or 2),
+        ):
+            if value % 2:
+                raise UserInputError(
+                    f"antithetic_sampling draws images in mirrored pairs, but {name} = {value} is odd: make it even "
+                    "or turn antithetic_sampling off"
+                )
 
     def _check_derived_world_size(self) -> None:
         """prompts_per_step's derivation must have used the number of processes this run really has."""

@@ -95,6 +95,7 @@ def sde_step_with_logprob(
     noise_level: float = 0.7,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> SDEStepOutput:
     """One Flow-GRPO SDE step from ``sigma`` to ``sigma_next`` and the log-probability of its result.
 
@@ -107,6 +108,8 @@ def sde_step_with_logprob(
         prev_sample: if given, the step's result is not drawn; its log-probability under the step is returned
             instead (the training pass, where gradients flow through ``velocity``).
         generator: random generator for the step's noise when ``prev_sample`` is drawn, or one per sample.
+        noise: the standard-normal draw ``eps`` to use instead of drawing one (antithetic sampling passes mirrored
+            pairs); shape of ``sample``.
 
     Returns:
         :class:`SDEStepOutput`. All math is done in float32 whatever the model's dtype, so that rollout and
@@ -131,8 +134,9 @@ def sde_step_with_logprob(
 
     if prev_sample is None:
         # One generator, or one per sample (noise then independent of how a batch is split into chunks/processes).
-        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        prev_sample = mean.detach() + std * noise
+        if noise is None:
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        prev_sample = mean.detach() + std * noise.float()
     prev_sample = prev_sample.float()
     return SDEStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std)
 

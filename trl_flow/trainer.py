@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather, gather_object
 from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
 from peft import PeftConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers.trainer_callback import ExportableState
@@ -389,21 +390,33 @@ class FlowGRPOTrainer(GRPOTrainer):
         noise_level: float,
         trained_steps: range,
         generator: torch.Generator | list[torch.Generator],
+        antithetic: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Denoise one batch; return the final latents and, per trained step, what the loss needs. ``generator`` may
-        be one generator per image (noise independent of how the batch is split over processes and chunks)."""
+        be one generator per image (noise independent of how the batch is split over processes and chunks).
+        ``antithetic``: images 2k and 2k+1 start from the same noise and take mirrored SDE noise (eps, -eps)."""
         args = self.args
         sigmas = self.adapter.sigmas(num_steps, args.height, args.width)
         batch_size = next(iter(conditioning.values())).shape[0]
-        latents = self.adapter.prepare_latents(batch_size, args.height, args.width, generator).float()
+        if antithetic:
+            # The pair's first image draws for both (its generator when there is one per image).
+            lead = generator[0::2] if isinstance(generator, list) else generator
+            latents = self.adapter.prepare_latents(batch_size // 2, args.height, args.width, lead).float()
+            latents = latents.repeat_interleave(2, dim=0)
+        else:
+            latents = self.adapter.prepare_latents(batch_size, args.height, args.width, generator).float()
         record: dict[str, list[torch.Tensor]] = {"latents": [], "next_latents": [], "old_log_probs": []}
         for i in range(num_steps):
             sigma = sigmas[i].expand(batch_size)
             velocity = self.adapter.predict_velocity(denoiser, latents, sigma, conditioning, args.guidance_scale)
             # Fast mode (sde_window_size > 0): the SDE only inside the trained window, the ODE elsewhere.
             step_noise = noise_level if (i in trained_steps or not args.sde_window_size) else 0.0
+            eps = None
+            if antithetic and step_noise > 0:
+                half = randn_tensor((batch_size // 2, *latents.shape[1:]), generator=lead, dtype=torch.float32)
+                eps = torch.stack([half, -half], dim=1).flatten(0, 1).to(latents.device)
             step = sde_step_with_logprob(
-                velocity, sigmas[i], sigmas[i + 1], latents, noise_level=step_noise, generator=generator
+                velocity, sigmas[i], sigmas[i + 1], latents, noise_level=step_noise, generator=generator, noise=eps
             )
             if i in trained_steps:
                 record["latents"].append(latents)
@@ -428,6 +441,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         seed: int,
         on_chunk_decoded: Callable[[int, list], None] | None = None,
         sample_offset: int | None = None,
+        antithetic: bool = False,
     ) -> tuple[list, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Images, per-step trajectories and conditioning for ``prompts``, in chunks of ``rollout_batch_size``.
 
@@ -451,7 +465,7 @@ class FlowGRPOTrainer(GRPOTrainer):
                 part = {name: tensor[start : start + chunk] for name, tensor in conditioning.items()}
                 generators = generator[start : start + chunk] if isinstance(generator, list) else generator
                 final_latents, trajectory = self._denoise(
-                    denoiser, part, num_steps, noise_level, trained_steps, generators
+                    denoiser, part, num_steps, noise_level, trained_steps, generators, antithetic
                 )
                 chunk_images = self.adapter.decode_latents(final_latents)
                 if on_chunk_decoded is not None:
@@ -482,6 +496,8 @@ class FlowGRPOTrainer(GRPOTrainer):
             num_steps, noise_level, trained_steps = args.num_inference_steps, args.noise_level, self._trained_steps()
         else:
             num_steps, noise_level, trained_steps = args.eval_num_inference_steps, 0.0, range(0)
+        antithetic = mode == "train" and args.antithetic_sampling
+        offset = self._sample_offset(len(prompts))
         if args.async_rewards:
             # Score each chunk in a worker thread while the next chunk denoises (as the official code overlaps
             # rewards with sampling); one gather over processes at the end, as in the synchronous path.
@@ -493,12 +509,12 @@ class FlowGRPOTrainer(GRPOTrainer):
                     futures.append(executor.submit(self._score_locally, rows, chunk_images))
 
                 images, batch, conditioning = self._rollout(
-                    prompts, num_steps, noise_level, trained_steps, seed, score, self._sample_offset(len(prompts))
+                    prompts, num_steps, noise_level, trained_steps, seed, score, offset, antithetic
                 )
                 rewards_per_func = gather(torch.cat([future.result() for future in futures]))
         else:
             images, batch, conditioning = self._rollout(
-                prompts, num_steps, noise_level, trained_steps, seed, sample_offset=self._sample_offset(len(prompts))
+                prompts, num_steps, noise_level, trained_steps, seed, sample_offset=offset, antithetic=antithetic
             )
             rewards_per_func = self._calculate_rewards(inputs, prompts, images, [None] * len(prompts))
         advantages = self._advantages_and_reward_metrics(rewards_per_func, mode)
