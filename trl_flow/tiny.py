@@ -55,6 +55,8 @@ from typing import Any
 
 import torch
 
+from trl_flow.models.sd3 import SD3_ADALN_LORA_TARGETS, SD3Adapter
+
 __all__ = [
     "TINY_IMAGE_SIZE",
     "TINY_LATENT_CHANNELS",
@@ -83,17 +85,8 @@ MARKER_FILE: str = ".complete"
 """Name of the file written last into a finished build directory."""
 
 TINY_SD3_LORA_TARGETS: tuple[str, ...] = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "norm1.linear",
-    "norm1_context.linear",
-    "norm_out.linear",
+    *SD3Adapter.default_lora_target_modules,
+    *SD3_ADALN_LORA_TARGETS,
     "time_text_embed.text_embedder.linear_1",
     "time_text_embed.text_embedder.linear_2",
 )
@@ -528,9 +521,14 @@ def _install(tmp: pathlib.Path, target: pathlib.Path, keep_complete: bool) -> No
 
 
 def save_build(
-    target: pathlib.Path, build: Callable[[], tuple[Any, dict]], marker: dict, keep_complete: bool
+    target: pathlib.Path,
+    build: Callable[[], tuple[Any, dict]],
+    marker: dict,
+    keep_complete: bool,
+    metrics_key: str = "vae",
 ) -> pathlib.Path:
-    """Save the pipeline ``build()`` returns (with its VAE metrics) as a complete build at ``target``.
+    """Save the pipeline ``build()`` returns as a complete build at ``target``; its metrics go into the marker
+    under ``metrics_key``.
 
     Shared by the tiny builders of every family. The caller's global torch RNG state is left untouched. The folder
     is written next to ``target`` and renamed into place with the marker file ``marker`` written last, so readers
@@ -544,7 +542,7 @@ def save_build(
         with torch.random.fork_rng(devices=[]):
             pipe, metrics = build()
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / MARKER_FILE).write_text(json.dumps({**marker, "vae": metrics}, indent=2) + "\n")
+        (tmp / MARKER_FILE).write_text(json.dumps({**marker, metrics_key: metrics}, indent=2) + "\n")
         _install(tmp, target, keep_complete=keep_complete)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -203,18 +203,16 @@ def held_out_combinations() -> tuple[set[tuple[tuple[str, str], str]], set[froze
     return placements, set(unordered[::4])
 
 
-def _is_held_out(spec: PromptSpec) -> bool:
-    placements, object_pairs = held_out_combinations()
-    if len(spec.objects) == 1:
-        return (spec.objects[0], spec.region) in placements
-    return frozenset(spec.objects) in object_pairs
-
-
 def split_prompts() -> tuple[list[PromptSpec], list[PromptSpec]]:
     """``(train, test)``: a test prompt is a held-out combination (:func:`held_out_combinations`)."""
+    placements, object_pairs = held_out_combinations()
     train, test = [], []
     for spec in all_prompts():
-        (test if _is_held_out(spec) else train).append(spec)
+        if len(spec.objects) == 1:
+            held_out = (spec.objects[0], spec.region) in placements
+        else:
+            held_out = frozenset(spec.objects) in object_pairs
+        (test if held_out else train).append(spec)
     return train, test
 
 

@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from trl_flow.models.sd3 import SD3_ADALN_LORA_TARGETS, SD3Adapter
+
 __all__ = ["MINI_GRPO_SETTINGS", "MINI_LORA", "MINI_REWARDS", "MINI_REWARD_WEIGHTS", "make_mini_trainer"]
 
 MINI_REWARDS: tuple[str, ...] = ("reward_funcs.mini_geneval:mini_geneval_partial", "mini_geneval")
@@ -22,19 +24,7 @@ MINI_REWARD_WEIGHTS: tuple[float, ...] = (1.0, 0.0)
 MINI_LORA: dict[str, Any] = {
     "r": 16,
     "lora_alpha": 32,
-    "target_modules": [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-        "norm1.linear",
-        "norm1_context.linear",
-        "norm_out.linear",
-    ],
+    "target_modules": [*SD3Adapter.default_lora_target_modules, *SD3_ADALN_LORA_TARGETS],
 }
 """LoRA on the attention projections of both streams (the paper's targets) and on the AdaLN modulations."""
 

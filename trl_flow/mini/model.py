@@ -25,13 +25,10 @@ takes minutes; ``python -m trl_flow.mini.build --output DIR`` rebuilds it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -387,30 +384,17 @@ def _build_pipeline(config: MiniBuildConfig, seed: int, log: Callable[[str], Non
 def _build_into(
     target: pathlib.Path, config: MiniBuildConfig, seed: int, keep_complete: bool, log: Callable[[str], None]
 ) -> pathlib.Path:
-    from trl_flow.tiny import _install
+    from trl_flow.tiny import save_build
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def build():
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            pipe, metrics = _build_pipeline(config, seed, log)
+        pipe, metrics = _build_pipeline(config, seed, log)
         metrics["build_seconds"] = time.perf_counter() - start
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        marker = {
-            "version": MINI_SD3_VERSION,
-            "seed": seed,
-            "torch_threads": torch.get_num_threads(),
-            "config": asdict(config),
-            "metrics": metrics,
-        }
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _install(tmp, target, keep_complete=keep_complete)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        return pipe, metrics
+
+    marker = {"version": MINI_SD3_VERSION, "seed": seed, "torch_threads": torch.get_num_threads()}
+    marker["config"] = asdict(config)
+    return save_build(target, build, marker, keep_complete, metrics_key="metrics")
 
 
 def build_mini_sd3(
@@ -436,15 +420,11 @@ def ensure_mini_sd3(path: str | os.PathLike | None = None) -> pathlib.Path:
     :func:`default_cache_dir`, built there (seed 0, default settings; minutes) if needed. With ``path``: that folder,
     built if it holds no complete build. Concurrent callers are serialised by a lock file next to the folder.
     """
-    from trl_flow.tiny import _file_lock
+    from trl_flow.tiny import ensure_build
 
     if path is None and _is_complete(PRETRAINED_DIR):
         return PRETRAINED_DIR
     target = pathlib.Path(path if path is not None else default_cache_dir()).expanduser().absolute()
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target):
-        if _is_complete(target):
-            return target
-        return _build_into(target, MiniBuildConfig(), seed=0, keep_complete=True, log=lambda _: None)
+    return ensure_build(
+        target, lambda folder: _build_into(folder, MiniBuildConfig(), seed=0, keep_complete=True, log=lambda _: None)
+    )

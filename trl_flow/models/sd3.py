@@ -10,6 +10,10 @@ from PIL import Image
 
 from .base import Conditioning, DenoiserCall, FlowModelAdapter
 
+SD3_ADALN_LORA_TARGETS: tuple[str, ...] = ("norm1.linear", "norm1_context.linear", "norm_out.linear")
+"""The AdaLN modulation layers of SD3's transformer blocks and output norm (timestep + pooled text conditioning):
+extra LoRA targets for small models, where the attention projections alone learn slowly."""
+
 
 class SD3Adapter(FlowModelAdapter):
     """SD3/SD3.5: MMDiT transformer, CLIP-L + CLIP-G + T5 text encoders, 16-channel VAE, true CFG.
