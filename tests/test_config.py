@@ -81,3 +81,25 @@ def test_prompts_per_step_on_one_process():
 def test_global_quantities_that_do_not_divide_name_the_values_that_would(overrides, message):
     with pytest.raises(UserInputError, match=message):
         FlowGRPOConfig(**paper_batch(**overrides))
+
+
+@pytest.mark.parametrize("key, value", [("save_steps", 7), ("save_total_limit", 2)])
+def test_save_keys_without_a_save_strategy_warn_naming_both(key, value, caplog):
+    with caplog.at_level("WARNING", logger="trl_flow.config"):
+        FlowGRPOConfig(output_dir="unused", save_strategy="no", **{key: value})
+    warnings = [record.getMessage() for record in caplog.records if record.name == "trl_flow.config"]
+    assert len(warnings) == 1 and f"{key} = {value}" in warnings[0] and "save_strategy is 'no'" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trl_flow.config"):
+        FlowGRPOConfig(output_dir="unused", save_strategy="steps", **{key: value})
+        FlowGRPOConfig(output_dir="unused", save_strategy="no")
+    assert not [record for record in caplog.records if record.name == "trl_flow.config"]
+
+
+def test_a_tracker_that_is_not_installed_is_refused_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(UserInputError, match=r"report_to: wandb needs the 'wandb' package.*trl-flow\[wandb\]"):
+        FlowGRPOConfig(output_dir="unused", report_to=["wandb"])

@@ -65,7 +65,11 @@ def test_off_policy_micro_steps_see_ratios_and_clipping(tiny_sd3_path, tmp_path)
     trainer = make_trainer(tiny_sd3_path, tmp_path, max_steps=2, learning_rate=3e-2)
     trainer.train()
     deviations = logged(trainer, "ratio/max_abs_deviation")
-    assert deviations[0] == 0.0 and deviations[1] > 0.0
+    print(f"max |ratio - 1| on-policy, off-policy: {deviations[:2]}")
+    # On-policy the ratio is 1 up to float32 round-off: the rollout and the training pass compute the same log-prob
+    # (a mean over the latent of terms of size ~1-10) in batches of different sizes, which CPU kernels may block
+    # differently: a few ulps of 10 (~1e-6). 1e-5 leaves headroom and stays far below the off-policy deviation.
+    assert deviations[0] < 1e-5 and deviations[1] > 100 * 1e-5
     assert logged(trainer, "clip_ratio/region_mean")[1] > 0.0
 
 

@@ -248,6 +248,8 @@ def _resume_checkpoint(training_args) -> str | None:
                 "(checkpoints are written every save_steps with save_strategy: steps)"
             )
         return checkpoint
+    if not Path(text).exists():
+        raise UserInputError(f"--resume_from_checkpoint {text}: the folder does not exist")
     if not (Path(text) / "trainer_state.json").is_file():
         raise UserInputError(
             f"--resume_from_checkpoint {text}: not a complete checkpoint folder (no trainer_state.json)"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -40,6 +42,38 @@ LLM_ONLY_FIELDS: dict[str, str] = {
     "sync_ref_model": "not implemented for diffusion",
     "multi_objective_aggregation": "only 'sum_then_normalize' is implemented",
 }
+
+
+logger = logging.getLogger(__name__)
+
+#: `report_to` trackers: the module transformers' callback imports, and how to install it.
+TRACKER_PACKAGES: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "pip install 'trl-flow[tensorboard]'"),
+    "wandb": ("wandb", "pip install 'trl-flow[wandb]'"),
+    "trackio": ("trackio", "pip install trackio"),
+    "mlflow": ("mlflow", "pip install mlflow"),
+    "comet_ml": ("comet_ml", "pip install comet_ml"),
+    "clearml": ("clearml", "pip install clearml"),
+    "neptune": ("neptune", "pip install neptune"),
+    "dvclive": ("dvclive", "pip install dvclive"),
+    "swanlab": ("swanlab", "pip install swanlab"),
+}
+
+
+def check_trackers_installed(report_to: list[str] | str | None) -> None:
+    """Each tracker named in ``report_to`` is importable; else one error naming what to install.
+
+    transformers finds out only when it builds the callback, with a traceback, after the run has started."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            continue
+        module, install = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise UserInputError(
+                f"report_to: {name} needs the {module!r} package, which is not installed: {install}, or remove "
+                f"{name} from report_to"
+            )
 
 
 def launched_world_size() -> int:
@@ -308,6 +342,8 @@ class FlowGRPOConfig(GRPOConfig):
             if not ok:
                 raise UserInputError(message)
         self._check_guard()
+        check_trackers_installed(self.report_to)
+        self._warn_unused_save_keys()
         if self.prompts_per_step is not None or self.updates_per_generation is not None:
             self._derive_batch_from_global_quantities(launched_world_size())
         if self.bf16 is None and not self.fp16:
@@ -325,6 +361,23 @@ class FlowGRPOConfig(GRPOConfig):
         self._check_derived_world_size()
         if self.antithetic_sampling:
             self._check_antithetic_pairs()
+
+    def _warn_unused_save_keys(self) -> None:
+        """``save_steps`` / ``save_total_limit`` do nothing while ``save_strategy`` is "no": say so once."""
+        defaults = {f.name: f.default for f in dataclasses.fields(type(self))}
+        if str(getattr(self.save_strategy, "value", self.save_strategy)) != "no":
+            return
+        ignored = [
+            f"{name} = {getattr(self, name)!r}"
+            for name in ("save_steps", "save_total_limit")
+            if getattr(self, name) != defaults[name]
+        ]
+        if ignored:
+            verb = "is" if len(ignored) == 1 else "are"
+            logger.warning(
+                f"{' and '.join(ignored)} {verb} ignored because save_strategy is 'no': no checkpoint will be "
+                "written; set save_strategy: steps to save checkpoints"
+            )
 
     def _check_antithetic_pairs(self) -> None:
         """Mirrored pairs must not straddle a group, a process or a rollout chunk."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from ..errors import UserInputError
-from .base import Conditioning, DenoiserCall, FlowModelAdapter
-from .flux import FluxAdapter
-from .qwen_image import QwenImageAdapter
-from .sd3 import SD3Adapter
+from .image_processors import use_pil_image_processors_without_torchvision
+
+use_pil_image_processors_without_torchvision()  # before the adapters import diffusers' pipeline modules
+
+from .base import Conditioning, DenoiserCall, FlowModelAdapter  # noqa: E402
+from .flux import FluxAdapter  # noqa: E402
+from .qwen_image import QwenImageAdapter  # noqa: E402
+from .sd3 import SD3Adapter  # noqa: E402
 
 #: Adapters by family name: the ``model_family`` a recipe (or ``FlowGRPOTrainer(model_family=...)``) may force.
 ADAPTERS: dict[str, type[FlowModelAdapter]] = {
