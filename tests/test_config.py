@@ -1,7 +1,7 @@
 import pytest
 from trl import GRPOConfig
 
-from trl_flow.config import LLM_ONLY_FIELDS, FlowGRPOConfig
+from trl_flow.config import LLM_ONLY_FIELDS, FlowGRPOConfig, check_trackers_installed
 from trl_flow.errors import UserInputError
 
 
@@ -102,4 +102,5 @@ def test_a_tracker_that_is_not_installed_is_refused_naming_the_extra(monkeypatch
     find_spec = importlib.util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     with pytest.raises(UserInputError, match=r"report_to: wandb needs the 'wandb' package.*trl-flow\[wandb\]"):
-        FlowGRPOConfig(output_dir="unused", report_to=["wandb"])
+        check_trackers_installed(["none", "wandb"])
+    check_trackers_installed(["none"])

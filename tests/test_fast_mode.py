@@ -10,22 +10,22 @@ def test_window_slides_within_its_range_and_sets_the_trained_steps(tiny_sd3_path
     windows = set()
     for step in range(12):
         trainer.state.global_step = step
-        window = trainer._trained_steps()
+        window = trainer.rollouts.trained_steps()
         assert len(window) == 2 and 0 <= window.start < 8 // 2  # default range: the first half
         windows.add(window.start)
     assert len(windows) > 1  # it slides
     trainer.args.sde_window_range = [3, 4]
-    assert trainer._trained_steps() == range(3, 5)
+    assert trainer.rollouts.trained_steps() == range(3, 5)
 
 
 def test_steps_outside_the_window_are_deterministic(tiny_sd3_path, tmp_path):
     trainer = make_trainer(tiny_sd3_path, tmp_path, num_inference_steps=6, sde_window_size=2)
-    conditioning = trainer._conditioning(["a red image", "something blue"])
+    conditioning = trainer.rollouts.conditioning(["a red image", "something blue"])
 
     def latents_at_window_start(noise_level, window_mode):
         trainer.args.sde_window_size = 2 if window_mode else 0
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as denoiser:
-            _, trajectory = trainer._denoise(
+            _, trajectory = trainer.rollouts.denoise(
                 denoiser, conditioning, 6, noise_level, range(2, 4), torch.Generator().manual_seed(0)
             )
         return trajectory["latents"][:, 0], trajectory["old_log_probs"]

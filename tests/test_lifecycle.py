@@ -29,7 +29,8 @@ from trl_flow.callbacks import EvalSample, ParameterEMA, log_samples_to_trackers
 from trl_flow.config import FlowGRPOConfig
 from trl_flow.data import TINY_EVAL_PROMPTS_PATH, TINY_PROMPTS_PATH, load_prompt_dataset
 from trl_flow.errors import UserInputError
-from trl_flow.trainer import EpochSeededRepeatSampler, FlowGRPOTrainer, latest_checkpoint
+from trl_flow.lifecycle import EpochSeededRepeatSampler, latest_checkpoint
+from trl_flow.trainer import FlowGRPOTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO_ROOT / "recipes" / "tiny.yaml"
@@ -435,7 +436,7 @@ def test_push_to_hub_offline_fails_before_loading_anything(tmp_path, monkeypatch
     def no_load(*args, **kwargs):
         raise AssertionError("the pipeline was loaded before the hub check")
 
-    monkeypatch.setattr("trl_flow.trainer.load_pipeline", no_load)
+    monkeypatch.setattr("trl_flow.models.loading.load_pipeline", no_load)
     output_dir = tmp_path / "out"
     argv = ["grpo", "--recipe", str(TINY_RECIPE), "--push_to_hub", "true", "--output_dir", str(output_dir)]
     assert cli.main(argv) == 2

@@ -2,8 +2,9 @@
 
 import pytest
 
-from trl_flow.cli import main, parse_grpo_args
-from trl_flow.doctor import PAPER_QUANTITIES, effective_quantities
+from trl_flow.cli import main
+from trl_flow.doctor import PAPER_QUANTITIES
+from trl_flow.recipe import effective_quantities, parse_grpo_args
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from trl_flow.sde import (
-    clipped_policy_loss,
-    group_relative_advantages,
-    kl_between_steps,
-    sde_noise_scale,
-    sde_step_with_logprob,
-)
+from trl_flow.algorithms.advantages import group_relative_advantages
+from trl_flow.algorithms.flow_grpo import clipped_policy_loss
+from trl_flow.sde import kl_between_steps, sde_noise_scale, sde_step_with_logprob
 
 
 def test_step_log_prob_matches_torch_normal_density():

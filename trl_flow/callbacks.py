@@ -18,16 +18,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .reporting import save_reward_curve, save_sample_grid
-
-if TYPE_CHECKING:
-    from .trainer import FlowGRPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +185,19 @@ def log_samples_to_trackers(
     return logged
 
 
+class SampleSource(Protocol):
+    """What `EvalSamplesCallback` reads from its trainer (`FlowGRPOTrainer` is one): the evaluation samples it kept,
+    and its callbacks (to share the TensorBoard writer)."""
+
+    eval_samples: list[EvalSample]
+    callback_handler: Any
+
+
 class EvalSamplesCallback(TrainerCallback):
     """At each evaluation: a grid of the trainer's evaluation samples in ``output_dir/samples/eval_step_NNNNNN.png``
     (captions, row by row, in the ``.json`` beside it), and the samples logged to the trackers (main process only)."""
 
-    def __init__(self, trainer: FlowGRPOTrainer) -> None:
+    def __init__(self, trainer: SampleSource) -> None:
         self.trainer = trainer
         self._own_tensorboard_writer = None
 

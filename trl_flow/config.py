@@ -63,7 +63,8 @@ TRACKER_PACKAGES: dict[str, tuple[str, str]] = {
 def check_trackers_installed(report_to: list[str] | str | None) -> None:
     """Each tracker named in ``report_to`` is importable; else one error naming what to install.
 
-    transformers finds out only when it builds the callback, with a traceback, after the run has started."""
+    transformers finds out only when it builds the callback, with a traceback, after the run has started. Checked
+    when a trainer is built (not when a config is parsed: a recipe names its trackers for the machine it runs on)."""
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     for name in names:
         if name not in TRACKER_PACKAGES:
@@ -114,6 +115,10 @@ class FlowGRPOConfig(GRPOConfig):
     fields (`temperature`, `max_completion_length`, vLLM, ...) are refused when set.
     """
 
+    algorithm: str = field(
+        default="flow_grpo",
+        metadata={"help": "The RL algorithm (see trl_flow/algorithms): flow_grpo (Flow-GRPO: PPO-clip per SDE step)."},
+    )
     # Rollouts
     num_inference_steps: int = field(
         default=10,
@@ -342,7 +347,10 @@ class FlowGRPOConfig(GRPOConfig):
             if not ok:
                 raise UserInputError(message)
         self._check_guard()
-        check_trackers_installed(self.report_to)
+        from .algorithms import ALGORITHMS  # here, not at import: `trl-flow --help` should not load diffusers
+
+        if self.algorithm not in ALGORITHMS:
+            raise UserInputError(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         self._warn_unused_save_keys()
         if self.prompts_per_step is not None or self.updates_per_generation is not None:
             self._derive_batch_from_global_quantities(launched_world_size())

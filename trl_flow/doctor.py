@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .recipe import effective_quantities
+
 PASS, WARN, FAIL, INFO = "PASS", "WARN", "FAIL", "INFO"
 
 # The paper's SD3.5-Medium setup (official configs, 32 GPUs), shown beside the recipe's effective quantities.
@@ -38,20 +40,6 @@ class Check:
     figure: str
     status: str
     fix: str = ""
-
-
-def effective_quantities(args, world_size: int) -> dict[str, float]:
-    """The batch quantities that define the algorithm, over all processes."""
-    images = args.generation_batch_size
-    return {
-        "processes": world_size,
-        "unique prompts per rollout batch": images / args.num_generations,
-        "images per prompt": args.num_generations,
-        "images per optimizer update": args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps,
-        "optimizer updates per rollout batch": args.steps_per_generation
-        * args.num_iterations
-        / args.gradient_accumulation_steps,
-    }
 
 
 def _rollout_inputs(trainer) -> list[dict]:
@@ -206,7 +194,7 @@ def _make_adapter_nonzero(model, std: float = 0.02) -> None:
 
 def run_doctor(script_args, training_args, model_args) -> list[Check]:
     """All the checks of `trl-flow doctor`, as table rows. Nothing is written to the recipe's output_dir."""
-    from .cli import build_trainer
+    from .recipe import build_trainer
 
     training_args.output_dir = tempfile.mkdtemp(prefix="trl-flow-doctor-")
     training_args.report_to = []
@@ -242,7 +230,7 @@ def format_table(checks: list[Check]) -> str:
 
 def doctor(argv: list[str]) -> int:
     """`trl-flow doctor --recipe R [--key value ...]`: print the table; exit 0 when nothing fails, else 1."""
-    from .cli import parse_grpo_args
+    from .recipe import parse_grpo_args
 
     script_args, training_args, model_args = parse_grpo_args(argv)
     checks = run_doctor(script_args, training_args, model_args)

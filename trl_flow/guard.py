@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -41,8 +41,18 @@ from reward_funcs._common import to_pil_rgb, to_rgb_array
 from .errors import UserInputError
 from .rewards import call_reward_func, resolve_reward_funcs, reward_func_name, validate_rewards
 
-if TYPE_CHECKING:
-    from .trainer import FlowGRPOTrainer
+
+class WatchedTrainer(Protocol):
+    """What the guard reads from the trainer it is bound to (`FlowGRPOTrainer` is one): the latest rollout's dataset
+    rows and images, whether it is training, its metric lists and its `log`."""
+
+    model: Any
+    _metrics: dict[str, dict[str, list[float]]]
+    _last_images: list[Any]
+    _last_inputs: list[dict]
+
+    def log(self, logs: dict[str, float], *args: Any) -> None: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +184,7 @@ class RewardHackingGuard(TrainerCallback):
         self.action = action
         self.watch_diversity = watch_diversity
         self.on_rollouts = on_rollouts
-        self.trainer: FlowGRPOTrainer | None = None
+        self.trainer: WatchedTrainer | None = None
         self.evaluations: list[GuardEvaluation] = []
         self.baseline: GuardEvaluation | None = None
         self.consecutive = 0
@@ -194,7 +204,7 @@ class RewardHackingGuard(TrainerCallback):
             on_rollouts=args.guard_on_rollouts,
         )
 
-    def bind(self, trainer: FlowGRPOTrainer) -> None:
+    def bind(self, trainer: WatchedTrainer) -> None:
         """Attach to the trainer whose images are watched (`FlowGRPOTrainer` does this for its callbacks)."""
         self.trainer = trainer
 

@@ -1,4 +1,5 @@
-"""The mathematics of Flow-GRPO, one function per equation.
+"""The SDE sampler of Flow-GRPO and its Gaussian step policy, one function per equation (shared by rollouts and by
+the algorithms that score recorded steps).
 
 Conventions follow diffusers' SD3/FLUX pipelines (and the paper):
 
@@ -14,24 +15,17 @@ Paper, ODE-to-SDE (Euler-Maruyama form of the reverse SDE with the same marginal
 so each step is a Gaussian policy ``pi(x_next | x) = N(mean, std^2 I)`` with ``std = s * sqrt(-dt)``.
 Setting ``a = 0`` gives ``x_next = x + v dt``: diffusers' ``FlowMatchEulerDiscreteScheduler.step``.
 
-The training objective per trained denoising step (PPO clip on the step's likelihood ratio, plus a KL penalty
-to the reference policy, closed form because both Gaussians share ``std``)::
-
-    r    = exp(log pi_theta(x_next | x) - log pi_old(x_next | x))
-    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) + beta * ||mean_theta - mean_ref||^2 / (2 std^2)
-
-and ``A`` is the group-relative advantage of the whole trajectory (GRPO).
+The KL between two such step policies with the same ``std`` is closed form: ``||mean - mean_ref||^2 / (2 std^2)``.
+Flow-GRPO's objective on these steps is in `trl_flow.algorithms.flow_grpo`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from trl.trainer.utils import nanstd
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -149,60 +143,3 @@ def kl_between_steps(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tens
     """
     kl = (mean - ref_mean) ** 2 / (2 * std**2)
     return kl.mean(dim=tuple(range(1, mean.ndim)))
-
-
-@dataclass
-class ClippedLoss:
-    """Per-sample PPO-clip loss of one denoising step, and what to log about it."""
-
-    loss: torch.Tensor
-    ratio: torch.Tensor
-    is_low_clipped: torch.Tensor
-    is_high_clipped: torch.Tensor
-
-
-def clipped_policy_loss(
-    log_prob: torch.Tensor,
-    old_log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    epsilon_low: float,
-    epsilon_high: float,
-) -> ClippedLoss:
-    """``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` with ``r = exp(log_prob - old_log_prob)``, per sample."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    loss = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
-    return ClippedLoss(
-        loss=loss,
-        ratio=ratio,
-        is_low_clipped=(ratio < 1 - epsilon_low) & (advantages < 0),
-        is_high_clipped=(ratio > 1 + epsilon_high) & (advantages > 0),
-    )
-
-
-def group_relative_advantages(
-    rewards: torch.Tensor,
-    num_generations: int,
-    scale_rewards: Literal["group", "batch", "none"] = "group",
-    clip: float | None = None,
-) -> torch.Tensor:
-    """GRPO advantages: ``(r - mean_group(r)) / std``, optionally clipped to ``[-clip, clip]``.
-
-    ``rewards`` holds whole groups of ``num_generations`` consecutive samples (gathered over all processes).
-    ``scale_rewards`` follows TRL: ``"group"`` divides by each group's std, ``"batch"`` by the std of the whole
-    batch (Flow-GRPO's ``global_std``), ``"none"`` does not divide. NaN rewards (unscorable samples) are ignored in
-    the statistics and get advantage 0. Flow-GRPO clips advantages to +-5.
-    """
-    grouped = rewards.view(-1, num_generations)
-    group_mean = torch.nanmean(grouped, dim=1, keepdim=True)
-    advantages = grouped - group_mean
-    if scale_rewards == "group":
-        advantages = advantages / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
-    elif scale_rewards == "batch":
-        advantages = advantages / (nanstd(rewards) + 1e-4)
-    elif scale_rewards != "none":
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', not {scale_rewards!r}")
-    advantages = torch.nan_to_num(advantages.reshape(-1), nan=0.0)
-    if clip is not None:
-        advantages = advantages.clamp(-clip, clip)
-    return advantages

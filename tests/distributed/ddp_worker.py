@@ -12,9 +12,8 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from trl_flow import FlowGRPOConfig, FlowGRPOTrainer
-from trl_flow.cli import describe_setup
 from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
-from trl_flow.doctor import effective_quantities
+from trl_flow.recipe import describe_setup, effective_quantities
 from trl_flow.tiny import ensure_tiny_sd3
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trl_flow.sde import group_relative_advantages
+from trl_flow.algorithms.advantages import group_relative_advantages
 
 ROOT = Path(__file__).resolve().parents[2]
 

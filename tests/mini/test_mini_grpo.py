@@ -16,7 +16,7 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "mini_ge
 
 
 def test_recipe_agrees_with_the_shared_settings() -> None:
-    from trl_flow.cli import parse_grpo_args
+    from trl_flow.recipe import parse_grpo_args
 
     script_args, config, model_args = parse_grpo_args(["--recipe", RECIPE])
     assert model_args.model_name_or_path == "trl-flow/mini-geneval"
@@ -30,13 +30,13 @@ def test_recipe_agrees_with_the_shared_settings() -> None:
 
 
 def test_cli_resolves_the_builtin_names(tmp_path) -> None:
-    from trl_flow.cli import _load_datasets, _resolve_model, parse_grpo_args
     from trl_flow.mini.data import metadata_rows
     from trl_flow.mini.model import PRETRAINED_DIR
+    from trl_flow.recipe import load_datasets, parse_grpo_args, resolve_model
 
-    assert _resolve_model("trl-flow/mini-geneval") == str(PRETRAINED_DIR)
+    assert resolve_model("trl-flow/mini-geneval") == str(PRETRAINED_DIR)
     script_args, config, _ = parse_grpo_args(["--recipe", RECIPE, "--output_dir", str(tmp_path / "out")])
-    train, evaluation = _load_datasets(script_args, config)
+    train, evaluation = load_datasets(script_args, config)
     assert train["prompt"] == [row["prompt"] for row in metadata_rows("train")]
     assert evaluation["prompt"] == [row["prompt"] for row in metadata_rows("test")]
     assert {"prompt", "tag", "include"} <= set(train.column_names)

@@ -13,7 +13,8 @@ and the first training pass's log-prob are computed from the same numbers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -21,6 +22,9 @@ from PIL import Image
 # Per-sample conditioning tensors, all batch-first, produced by `encode_prompts` and consumed by
 # `predict_velocity`. Batch-first matters: TRL shuffles and splits every tensor of a rollout batch along dim 0.
 Conditioning = dict[str, torch.Tensor]
+
+# What rewards score: one per sample, a PIL image, or for a video family the list of its frames.
+Completion = Any
 
 # Anything that runs the denoiser: the trainer passes its (possibly DDP/DeepSpeed-wrapped, PEFT-wrapped)
 # `DiffusionPolicy`, whose forward takes the denoiser's keyword arguments and returns its prediction tensor.
@@ -64,13 +68,30 @@ class FlowModelAdapter(ABC):
     ) -> Conditioning:
         """Text conditioning for each prompt (and the negative prompt when guidance is on), batch-first."""
 
+    def encode_conditioning(
+        self,
+        prompts: list[str],
+        negative_prompt: str,
+        guidance_scale: float,
+        max_sequence_length: int,
+        condition_images: Sequence[Any] | None = None,
+    ) -> Conditioning:
+        """All conditioning for each sample: the text's, and for image-conditioned families (editing) whatever the
+        source image adds (its latents, image-aware prompt embeddings), batch-first like the text's.
+
+        Text-to-image families take no source image; they return `encode_prompts`."""
+        if condition_images is not None:
+            raise TypeError(f"{type(self).__name__} is text-to-image: it takes no condition image")
+        return self.encode_prompts(prompts, negative_prompt, guidance_scale, max_sequence_length)
+
     @abstractmethod
     def prepare_latents(
         self, batch_size: int, height: int, width: int, generator: torch.Generator | None
     ) -> torch.Tensor:
         """Initial noise, drawn exactly as the family's pipeline draws it (same generator calls, same values).
 
-        The layout is the adapter's choice: the trainer only needs it batch-first, passes it back unchanged to
+        The layout and rank are the adapter's choice (a video family adds a frame axis, and takes its frame count
+        as a constructor argument): the trainer only needs it batch-first, passes it back unchanged to
         ``predict_velocity``/``decode_latents`` and treats the SDE step element-wise. Packed-latent families (FLUX,
         Qwen-Image) keep it spatial, ``(B, C, H, W)``, and pack it for their transformer (see ``packed.py``).
         """
@@ -92,8 +113,9 @@ class FlowModelAdapter(ABC):
 
     @abstractmethod
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents at sigma 0 to RGB PIL images, as the pipeline's ``output_type="pil"`` would return them."""
+    def decode_latents(self, latents: torch.Tensor) -> list[Completion]:
+        """Latents at sigma 0 to completions, as the pipeline's ``output_type="pil"`` returns them: one RGB PIL image
+        per sample, or for a video family the list of the sample's frames."""
 
     @property
     def dtype(self) -> torch.dtype:

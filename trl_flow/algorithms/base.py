@@ -1,0 +1,140 @@
+"""The one interface between the trainer and an RL algorithm for flow-matching models.
+
+The trainer owns what every algorithm shares: prompts, rollouts of the denoising chain, rewards, group advantages,
+the optimizer step, checkpoints. An algorithm says:
+
+* what a rollout must record (:attr:`Algorithm.rollout_record`): the per-step trajectory of the trained denoising
+  steps with their log-probs (SDE policy-gradient methods: Flow-GRPO, GRPO-Guard), or only the final latents
+  (methods that re-noise the clean sample themselves: DiffusionNFT, AWM);
+* how it computes its loss on one micro-batch of that record, as a sum of *terms* (one per trained denoising step or
+  training timestep), each a mean over the micro-batch's samples (:meth:`Algorithm.term_loss`), so that the trainer
+  can backpropagate term by term and sample slice by sample slice to save memory (`train_micro_batch_size`) without
+  the algorithm knowing;
+* which metrics it logs (:meth:`Algorithm.metrics`).
+
+Rollout batches are dicts of batch-first tensors, because TRL shuffles and splits every tensor of a generation batch
+along dim 0. Keys the trainer always provides: ``advantages`` (B,) and the conditioning tensors prefixed ``cond_``;
+with ``rollout_record == "trajectory"`` also ``latents``, ``next_latents`` (B, K, *latent), ``old_log_probs``,
+``sigmas``, ``sigmas_next`` (B, K); with ``"final_latents"``, ``final_latents`` (B, *latent). Latents may have any
+rank (images (C, H, W), video (C, F, H, W)): every reduction is over all non-batch dimensions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ..models import FlowModelAdapter
+
+CONDITIONING_PREFIX = "cond_"
+
+#: ``reference(model)`` is a context manager yielding the reference policy's denoiser (no gradient).
+ReferenceDenoiser = Callable[[Any], contextlib.AbstractContextManager]
+#: What one micro-batch's loss terms append their diagnostics to: metric -> per-sample tensors.
+LossStats = dict[str, list[torch.Tensor]]
+
+
+def conditioning_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The conditioning tensors stored in a rollout batch (without their ``cond_`` prefix)."""
+    return {
+        name[len(CONDITIONING_PREFIX) :]: tensor
+        for name, tensor in batch.items()
+        if name.startswith(CONDITIONING_PREFIX)
+    }
+
+
+class Algorithm(ABC):
+    """An online-RL objective for a flow-matching policy, computed on recorded rollouts.
+
+    Args:
+        args: the run's `FlowGRPOConfig`.
+        adapter: the model family's adapter (the only way to call the denoiser).
+    """
+
+    #: the ``algorithm`` config value that selects this class.
+    name: ClassVar[str]
+    #: what a training rollout records: the per-step ``"trajectory"`` or only the ``"final_latents"``.
+    rollout_record: ClassVar[Literal["trajectory", "final_latents"]] = "trajectory"
+
+    def __init__(self, args: Any, adapter: FlowModelAdapter) -> None:
+        self.args = args
+        self.adapter = adapter
+        #: the weight of the penalty towards the reference policy (GRPO's ``beta``; 0: no reference is used)
+        self.beta = args.beta
+
+    @abstractmethod
+    def num_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many loss terms a micro-batch has (trained denoising steps, training timesteps)."""
+
+    def prepare(self, model: Any, batch: dict[str, torch.Tensor], reference: ReferenceDenoiser) -> list[dict] | None:
+        """No-gradient quantities for the terms of a micro-batch (e.g. the reference's predictions), computed once
+        before any term: one dict of batch-first tensors per term, or None. The trainer slices them with the
+        samples when it splits the micro-batch."""
+        return None
+
+    @abstractmethod
+    def term_loss(
+        self,
+        model: Any,
+        batch: dict[str, torch.Tensor],
+        term: int,
+        prepared: dict[str, torch.Tensor] | None,
+        stats: LossStats,
+    ) -> torch.Tensor:
+        """The loss of term ``term``, averaged over the samples of ``batch``; diagnostics go into ``stats``."""
+
+    @abstractmethod
+    def metrics(self, stats: LossStats, gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """Metric name -> value of one micro-batch's ``stats`` (``gather`` collects a tensor from every process)."""
+
+    def loss(
+        self,
+        model: Any,
+        batch: dict[str, torch.Tensor],
+        reference: ReferenceDenoiser,
+        accelerator: Any,
+        gradient_accumulation_steps: int,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's loss, the mean of its terms, divided for gradient accumulation (TRL's
+        ``loss_is_scaled_for_ga``), and its metrics.
+
+        With ``args.train_micro_batch_size`` (and gradients on), each (term, sample slice) part is backpropagated as
+        soon as it is computed, so only its activations are alive; the last part is returned for the Trainer's own
+        backward pass. Parts are weighted by their share of the batch: gradients, loss and metrics equal those of the
+        single pass."""
+        num_terms = self.num_terms(batch)
+        if num_terms == 0:  # evaluation batches carry no trained steps
+            return torch.zeros((), device=batch["advantages"].device), {}
+        batch_size = batch["advantages"].shape[0]
+        scale = 1.0 / num_terms / gradient_accumulation_steps
+        stats: LossStats = defaultdict(list)
+        prepared = self.prepare(model, batch, reference)
+        micro_batch_size = self.args.train_micro_batch_size
+        if micro_batch_size is None or not torch.is_grad_enabled():
+            total = sum(
+                self.term_loss(model, batch, k, prepared[k] if prepared else None, stats) for k in range(num_terms)
+            )
+            return total * scale, self.metrics(stats, accelerator.gather)
+
+        parts = [
+            (k, slice(start, start + micro_batch_size))
+            for k in range(num_terms)
+            for start in range(0, batch_size, micro_batch_size)
+        ]
+        done = torch.zeros((), device=batch["advantages"].device)
+        for index, (k, rows) in enumerate(parts):
+            part = {name: tensor[rows] for name, tensor in batch.items()}
+            part_prepared = {name: t[rows] for name, t in prepared[k].items()} if prepared else None
+            is_last = index == len(parts) - 1
+            with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+                part_loss = self.term_loss(model, part, k, part_prepared, stats)
+                part_loss = part_loss * (part["advantages"].shape[0] / batch_size * scale)
+                if not is_last:
+                    accelerator.backward(part_loss)
+                    done = done + part_loss.detach()
+        return part_loss + done, self.metrics(stats, accelerator.gather)  # the whole loss's value, the last grad
