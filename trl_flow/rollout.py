@@ -197,14 +197,16 @@ class RolloutSampler:
         sample_offset: int | None = None,
         antithetic: bool = False,
         record: RolloutRecord = "trajectory",
+        condition_images: list | None = None,
     ) -> tuple[list, dict[str, torch.Tensor], Conditioning]:
         """Completions, the per-sample record (see `RolloutRecord`) and conditioning for ``prompts``, in chunks of
         ``rollout_batch_size``.
 
         ``on_chunk_decoded(start, completions)`` is called as soon as a chunk's completions exist (to score them
         while the next chunk denoises). With ``sample_offset`` (the index of ``prompts[0]`` in the global batch),
-        image ``i`` draws its noise from its own generator seeded ``seed + sample_offset + i``."""
-        conditioning = self.conditioning(prompts)
+        image ``i`` draws its noise from its own generator seeded ``seed + sample_offset + i``. ``condition_images``:
+        one source image per prompt, for image-conditioned families."""
+        conditioning = self.conditioning(prompts, condition_images)
         chunk = self.args.rollout_batch_size or len(prompts)
         if sample_offset is None:
             generator = torch.Generator().manual_seed(seed)
