@@ -1,6 +1,6 @@
 """Small HTTP client helpers (stdlib only) for rewards computed elsewhere: JSON POST with bounded retries.
 
-Used by the `vlm_judge` reward and by trl-flow's remote-reward client (`trl_flow.serve.remote_reward`).
+Used by the `vlm_judge` reward and by trl-flow's remote-reward client (`trl_flow.rewards.remote.remote_reward`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for remote rewards: `trl_flow.serve` (server, client, CLI entry point) and `http://` reward specs."""
+"""Tests for remote rewards: `trl_flow.rewards.server`, `trl_flow.rewards.remote` and `http://` reward specs."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import reward_funcs
 from reward_funcs.rules import brightness, prompt_color
 from trl_flow.errors import UserInputError
 from trl_flow.rewards import call_reward_func, resolve_reward_func, resolve_reward_funcs, validate_rewards
-from trl_flow.serve import TOKEN_ENV, RemoteReward, RemoteRewardError, main_serve_reward, remote_reward, serve_reward
+from trl_flow.rewards.remote import TOKEN_ENV, RemoteReward, RemoteRewardError, remote_reward
+from trl_flow.rewards.server import main_serve_reward, serve_reward
 
 USER_REWARDS = '''
 def by_tag(prompts, completions, tag, **kwargs):

@@ -9,7 +9,7 @@ A reward spec is one of:
   by default the current directory). The file is imported under a module name derived from its absolute path,
   so the same file always yields the same module. Its folder is not added to `sys.path`.
 - the URL of a reward server, `http://host:port/NAME` (or `https://...`), as printed by
-  `trl-flow serve-reward NAME`: the reward is computed by that server (see `trl_flow.serve.remote_reward`).
+  `trl-flow serve-reward NAME`: the reward is computed by that server (see `trl_flow.rewards.remote.remote_reward`).
 
 If the named attribute is a class, it is instantiated without arguments and the instance must be
 callable (handy for rewards that load a model once).
@@ -39,6 +39,7 @@ from typing import Any
 
 from reward_funcs import BUILTIN_REWARDS, get_builtin_reward, list_builtin_rewards
 from trl_flow.errors import UserInputError
+from trl_flow.rewards.remote import remote_reward
 
 __all__ = [
     "call_reward_func",
@@ -104,8 +105,6 @@ def resolve_reward_func(
         )
     spec = spec.strip()
     if spec.startswith(("http://", "https://")):
-        from trl_flow.serve import remote_reward
-
         return remote_reward(spec)
     if spec in BUILTIN_REWARDS:
         return get_builtin_reward(spec)
