@@ -14,8 +14,10 @@ from __future__ import annotations
 from trl_flow.rewards.remote import TOKEN_ENV, RemoteReward, RemoteRewardError, remote_reward
 from trl_flow.rewards.resolve import (
     call_reward_func,
+    call_reward_func_named,
     resolve_reward_func,
     resolve_reward_funcs,
+    reward_func_label,
     reward_func_name,
     validate_rewards,
 )
@@ -27,10 +29,12 @@ __all__ = [
     "RemoteRewardError",
     "RewardServer",
     "call_reward_func",
+    "call_reward_func_named",
     "main_serve_reward",
     "remote_reward",
     "resolve_reward_func",
     "resolve_reward_funcs",
+    "reward_func_label",
     "reward_func_name",
     "serve_reward",
     "validate_rewards",

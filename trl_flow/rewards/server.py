@@ -33,7 +33,7 @@ from typing import Any
 
 from trl_flow.errors import UserInputError
 from trl_flow.rewards.remote import TOKEN_ENV
-from trl_flow.rewards.resolve import call_reward_func, resolve_reward_func, reward_func_name, validate_rewards
+from trl_flow.rewards.resolve import call_reward_func_named, resolve_reward_func, reward_func_name, validate_rewards
 
 __all__ = ["DEFAULT_PORT", "RewardServer", "main_serve_reward", "serve_reward"]
 
@@ -121,7 +121,7 @@ class RewardServer(ThreadingHTTPServer):
                 raise ValueError(f"image {i} is not a base64-encoded image ({type(e).__name__}: {e})") from e
             decoded.append(image)
         with self.call_lock:
-            raw = call_reward_func(self.func, prompts, decoded, **columns)
+            raw = call_reward_func_named(self.name, self.func, prompts, decoded, **columns)
         rewards = validate_rewards(self.name, raw, len(decoded))
         return [None if math.isnan(value) else value for value in rewards]
 
