@@ -12,8 +12,11 @@ Protocol (JSON over HTTP), shared by this client and the server:
 - `GET /<name>` answers `{"name": <name>, "status": "ok"}` (a health check).
 - Only the last path segment is checked, so a reverse proxy may serve the reward under a prefix
   (`https://proxy/rewards/<name>`).
-- Errors answer `{"error": message}`: 400 malformed request, 401 missing or wrong token, 404 other path, 413
-  body too large, 422 the reward function raised or returned something invalid.
+- Errors answer `{"error": message}`: 400 malformed request (or JSON nested too deep), 401 missing or wrong
+  token, 404 other path, 405 other method, 411 no Content-Length, 413 a size limit exceeded (body, images per
+  request, pixels, prompt length; the message names the server's limit), 422 the reward function raised or
+  returned something invalid, 503 the server is busy or stopping, with `Retry-After` (seconds): the client waits
+  that long and retries.
 
 Authentication: with a token, every request must carry `Authorization: Bearer <token>`. The client reads the
 token from its `token` argument or `$TRL_FLOW_REWARD_TOKEN`; the CLI server from `--token` or the same variable.
@@ -156,9 +159,10 @@ def remote_reward(
         url: the server's URL, as printed by `trl-flow serve-reward`.
         token: bearer token; None reads `$TRL_FLOW_REWARD_TOKEN` at each call (unset: none sent).
         timeout: seconds to connect and for each read (scoring a big batch on a big model takes a while).
-        retries: retries after a failed attempt (connection refused, timeout, HTTP 5xx / 429), with exponential
-            backoff from `backoff` seconds; then a `RemoteRewardError` is raised. 4xx answers (bad token,
-            wrong name, the reward failed) raise at once.
+        retries: retries after a failed attempt (connection refused or reset, timeout, HTTP 5xx / 429), with
+            exponential backoff from `backoff` seconds or as long as the server's `Retry-After` asks; then a
+            `RemoteRewardError` is raised. 4xx answers (bad token, wrong name, a limit exceeded, the reward
+            failed) raise at once. A failed request never becomes a reward.
         backoff: first pause between attempts, in seconds.
         batch_size: images per request; None sends each call's batch in one request.
         name: the reward's `__name__`; None means the last path segment of `url`.
