@@ -3,10 +3,12 @@
 - `trl_flow.rewards.resolve`: reward specs (built-in names, `module:function`, `file.py:function`, URLs) into
   callables; [`call_reward_func`] and [`validate_rewards`] run and check one the way the trainer does.
 - `trl_flow.rewards.remote`: the client of a reward server ([`remote_reward`]) and the wire protocol.
+- `trl_flow.rewards.requests`: what a server accepts ([`ServerLimits`]) and the checks of a request body.
 - `trl_flow.rewards.server`: the server ([`serve_reward`], `trl-flow serve-reward`).
 
-Imports go one way: `server` imports `resolve` and `remote`, `resolve` imports `remote`, `remote` neither (and
-none imports this package's `__init__`). All three import only the standard library and `reward_funcs` at load.
+Imports go one way: `server` imports `requests`, `resolve` and `remote`, `resolve` imports `remote`, `requests` and
+`remote` none of them (and none imports this package's `__init__`). All import only the standard library and
+`reward_funcs` at load.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ with `Retry-After`, which the client honours.
 
 Hostile input: the limits of [`ServerLimits`] (body size, images per request, pixels per image and per request,
 prompt length, JSON depth) are checked before anything is decoded (an image's size is read from its PNG header)
-and answered 4xx naming the limit. 500 means a bug in the server.
+and answered 4xx naming the limit; the checks live in `trl_flow.rewards.requests`. 500 means a bug in the server.
 
 Stopping: `close()` (and SIGTERM / Ctrl-C for `trl-flow serve-reward`) stops accepting connections, lets the
 requests in flight finish (up to `drain_timeout` seconds) and answers 503 to new requests on open connections.
@@ -27,18 +27,14 @@ There is no TLS; put a reverse proxy in front for https.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import dataclasses
 import hmac
-import io
 import ipaddress
 import json
 import math
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -51,6 +47,7 @@ from typing import Any
 
 from trl_flow.errors import UserInputError
 from trl_flow.rewards.remote import TOKEN_ENV
+from trl_flow.rewards.requests import RequestRejected, ServerLimits, check_request, decode_images, parse_body
 from trl_flow.rewards.resolve import call_reward_func_named, resolve_reward_func, reward_func_name, validate_rewards
 
 __all__ = ["DEFAULT_PORT", "RewardServer", "ServerLimits", "main_serve_reward", "serve_reward"]
@@ -58,61 +55,8 @@ __all__ = ["DEFAULT_PORT", "RewardServer", "ServerLimits", "main_serve_reward", 
 DEFAULT_PORT = 8765
 """Port of `trl-flow serve-reward` when `--port` is not given."""
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_RESERVED_COLUMNS = frozenset({"prompts", "completions"})
 _LINGER_BYTES = 64 << 20  # after refusing a body unread, read and drop up to this much so the client sees the answer
 _LINGER_SECONDS = 2.0
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerLimits:
-    """What a reward server accepts and how much load it takes; each is a `trl-flow serve-reward --flag`.
-
-    A request over a limit is answered 4xx (413 for sizes, 400 for JSON depth) with a message naming it.
-    """
-
-    max_body_mb: float = 256.0
-    """Largest request body, MiB (answered 413). Bigger batches: set the client's `batch_size`."""
-    max_images: int = 256
-    """Most images in one request (413)."""
-    max_pixels: int = 4096 * 4096
-    """Most pixels (width x height) of one image, read from its header before decoding (413). PIL refuses images
-    over 2 x 89.5 Mpx as decompression bombs; this default (16.8 Mpx) is well under."""
-    max_request_pixels: int = 1 << 28
-    """Most pixels of all images of one request together (413); bounds the memory of decoded images."""
-    max_prompt_chars: int = 10_000
-    """Longest prompt, in characters (413)."""
-    max_json_depth: int = 32
-    """Deepest nesting of lists and objects in the body (400); the protocol itself needs 3."""
-    max_connections: int = 256
-    """Connections served at once (a thread each); more wait in the listen backlog."""
-    max_queue: int = 128
-    """Requests waiting for or in the reward call; more are answered 503 with Retry-After."""
-    backlog: int = 1024
-    """Listen backlog: connections the OS holds until they are accepted (capped by the OS, `somaxconn`)."""
-    retry_after: int = 1
-    """Seconds a 503 answer asks the client to wait (`Retry-After`)."""
-    timeout: float = 60.0
-    """Seconds a connection may stall while sending its request, or stay idle between requests."""
-    drain_timeout: float = 30.0
-    """Seconds `close()` / SIGTERM waits for the requests in flight to finish."""
-
-    def __post_init__(self) -> None:
-        bad = [f.name for f in dataclasses.fields(self) if not getattr(self, f.name) > 0]
-        if bad:
-            raise UserInputError(f"reward server limits must be positive: {', '.join(bad)}")
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * (1 << 20))
-
-
-class _Rejected(ValueError):
-    """A request the server refuses with `status` (a 4xx) and a message naming the limit or the problem."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class RewardServer(ThreadingHTTPServer):
@@ -257,114 +201,21 @@ class RewardServer(ThreadingHTTPServer):
 
     def parse(self, body: bytes) -> Any:
         """Decode a request body as JSON, refusing nesting deeper than `limits.max_json_depth`."""
-        limit = self.limits.max_json_depth
-        too_deep = _Rejected(
-            HTTPStatus.BAD_REQUEST, f"the JSON body is nested more than {limit} levels deep (max_json_depth {limit})"
-        )
-        try:
-            payload = json.loads(body)
-        except RecursionError:
-            raise too_deep from None
-        stack = [(payload, 1)]
-        while stack:
-            value, depth = stack.pop()
-            if isinstance(value, (list, dict)):
-                if depth > limit:
-                    raise too_deep
-                stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
-        return payload
+        return parse_body(body, self.limits)
 
     def score(self, payload: Any) -> list[float | None]:
         """Check a decoded request body, run the reward on it and return JSON-ready rewards (NaN becomes null).
 
         Raises:
-            ValueError: malformed request or a limit exceeded (answered 400, or the 4xx of `_Rejected`).
+            ValueError: malformed request or a limit exceeded (answered 400, or the 4xx of `RequestRejected`).
             UserInputError: the reward raised or returned something invalid (answered 422).
         """
-        limits = self.limits
-        if not isinstance(payload, dict):
-            raise ValueError("the request body must be a JSON object")
-        prompts, images, columns = payload.get("prompts"), payload.get("images"), payload.get("columns") or {}
-        if not isinstance(prompts, list) or not isinstance(images, list) or len(prompts) != len(images):
-            raise ValueError("'prompts' and 'images' must be lists of the same length")
-        if len(images) > limits.max_images:
-            raise _Rejected(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"{len(images)} images in one request, over the server's max_images {limits.max_images}; "
-                "send fewer per request (remote_reward's batch_size)",
-            )
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not a string")
-            if len(prompt) > limits.max_prompt_chars:
-                raise _Rejected(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"prompt {i} is {len(prompt)} characters, over the server's max_prompt_chars "
-                    f"{limits.max_prompt_chars}",
-                )
-        if not isinstance(columns, dict) or any(
-            not isinstance(v, list) or len(v) != len(images) for v in columns.values()
-        ):
-            raise ValueError("'columns' must map column names to lists with one value per image")
-        reserved = sorted(_RESERVED_COLUMNS & columns.keys())
-        if reserved:
-            raise ValueError(f"'columns' may not be named {', '.join(reserved)}")
-        encoded, total = [], 0
-        for i, text in enumerate(images):
-            try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, TypeError, ValueError) as e:
-                raise ValueError(f"image {i} is not a base64-encoded image ({type(e).__name__}: {e})") from e
-            width, height = _image_size(data, i)
-            if width * height > limits.max_pixels:
-                raise _Rejected(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"image {i} is too large: {width}x{height} = {width * height} pixels, over the server's "
-                    f"max_pixels {limits.max_pixels}",
-                )
-            total += width * height
-            if total > limits.max_request_pixels:
-                raise _Rejected(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"the images of this request have over {limits.max_request_pixels} pixels together "
-                    f"(max_request_pixels); send fewer per request (remote_reward's batch_size)",
-                )
-            encoded.append(data)
+        prompts, encoded, columns = check_request(payload, self.limits)
         with self.call_lock:  # one batch at a time; its images are decoded only now, to bound memory
-            decoded = [_decode_image(data, i) for i, data in enumerate(encoded)]
+            decoded = decode_images(encoded)
             raw = call_reward_func_named(self.name, self.func, prompts, decoded, **columns)
         rewards = validate_rewards(self.name, raw, len(decoded))
         return [None if math.isnan(value) else value for value in rewards]
-
-
-def _image_size(data: bytes, index: int) -> tuple[int, int]:
-    """(width, height) from an image's header, without decoding it (PNG: its IHDR chunk; other formats: PIL)."""
-    if data.startswith(_PNG_SIGNATURE):
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise ValueError(f"image {index} is not a base64-encoded image (a PNG without an IHDR chunk)")
-        return struct.unpack(">II", data[16:24])
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            return image.size
-    except Image.DecompressionBombError as e:
-        raise _Rejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image {index} is too large: {e}") from e
-    except Exception as e:  # PIL raises many types for garbage
-        raise ValueError(f"image {index} is not a base64-encoded image ({type(e).__name__}: {e})") from e
-
-
-def _decode_image(data: bytes, index: int) -> Any:
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Image.DecompressionBombError as e:
-        raise _Rejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image {index} is too large: {e}") from e
-    except Exception as e:  # truncated or corrupt data
-        raise ValueError(f"image {index} is not a base64-encoded image ({type(e).__name__}: {e})") from e
-    return image
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -506,7 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
             rewards = self.server.score(self.server.parse(body))
         except UserInputError as e:
             self._send(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(e)})
-        except _Rejected as e:
+        except RequestRejected as e:
             self._send(e.status, {"error": str(e)})
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             self._send(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {e}"})
