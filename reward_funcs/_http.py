@@ -1,14 +1,16 @@
 """Small HTTP client helpers (stdlib only) for rewards computed elsewhere: JSON POST with bounded retries.
 
-Used by the `vlm_judge` reward and by trl-flow's remote-reward client (`trl_flow.serve.remote_reward`).
+Used by the `vlm_judge` reward and by trl-flow's remote-reward client (`trl_flow.rewards.remote.remote_reward`).
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import io
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +22,8 @@ __all__ = ["RemoteRewardError", "encode_image", "post_json"]
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 """HTTP statuses worth retrying (timeouts, rate limits, transient server errors)."""
 
+logger = logging.getLogger(__name__)
+
 
 class RemoteRewardError(RuntimeError):
     """A reward computed over HTTP could not be obtained (server down, refused, or gave a bad answer).
@@ -30,7 +34,26 @@ class RemoteRewardError(RuntimeError):
 
 
 class _Retryable(Exception):
-    """An attempt failed in a way that another attempt may fix."""
+    """An attempt failed in a way that another attempt may fix; `retry_after`: the server's wait, in seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from a `Retry-After` header (delay-seconds or an HTTP date), or None if absent or unreadable."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def encode_image(image: Any, image_format: str = "PNG") -> str:
@@ -50,6 +73,8 @@ def _error_body(error: urllib.error.HTTPError) -> str:
         body = error.read().decode("utf-8", errors="replace")
     except Exception:
         return ""
+    finally:
+        error.close()  # release the connection now, not when the error is collected
     try:
         parsed = json.loads(body)
         if isinstance(parsed, dict) and "error" in parsed:
@@ -74,9 +99,11 @@ def post_json(
 ) -> Any:
     """POST `payload` as JSON to `url` and return `check(response_json)` (or the JSON itself).
 
-    Connection errors, timeouts, HTTP 408/425/429/5xx, replies that are not JSON and replies `check` rejects by
-    raising `ValueError` are retried up to `max_retries` times, sleeping `backoff * 2**attempt` seconds (at most
-    `max_backoff`) in between. Other HTTP errors (400, 401, 404, ...) are not retried.
+    Connection errors (refused, reset), timeouts, HTTP 408/425/429/5xx, replies that are not JSON and replies
+    `check` rejects by raising `ValueError` are retried up to `max_retries` times, sleeping `backoff * 2**attempt`
+    seconds in between, or as long as the answer's `Retry-After` header asks (a busy server's 503), at most
+    `max_backoff`. Each retry is logged as a warning (logger `reward_funcs._http`). Other HTTP errors (400, 401,
+    404, 413, 422, ...) are not retried.
 
     Args:
         url: the endpoint.
@@ -95,10 +122,13 @@ def post_json(
     data = json.dumps(payload).encode("utf-8")
     request_headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
     attempts = max(int(max_retries), 0) + 1
-    last_error = "no attempt made"
+    last_error, retry_after = "no attempt made", None
     for attempt in range(attempts):
         if attempt:
-            time.sleep(min(backoff * 2 ** (attempt - 1), max_backoff))
+            delay = backoff * 2 ** (attempt - 1) if retry_after is None else retry_after
+            delay = min(delay, max_backoff)
+            logger.warning("%s: %s; retry %d of %d in %.1f s", what, last_error, attempt, attempts - 1, delay)
+            time.sleep(delay)
         request = urllib.request.Request(url, data=data, headers=request_headers, method="POST")
         try:
             try:
@@ -108,7 +138,7 @@ def post_json(
                 detail = _error_body(e)
                 message = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
                 if e.code in _RETRY_STATUS:
-                    raise _Retryable(message) from e
+                    raise _Retryable(message, _retry_after(e.headers)) from e
                 hint = " (wrong or missing token?)" if e.code in (401, 403) else ""
                 raise RemoteRewardError(f"{what}: {url} answered {message}{hint}") from e
             except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, truncated replies
@@ -125,5 +155,5 @@ def post_json(
             except ValueError as e:
                 raise _Retryable(str(e)) from e
         except _Retryable as e:
-            last_error = str(e)
+            last_error, retry_after = str(e), e.retry_after
     raise RemoteRewardError(f"{what}: request to {url} failed after {attempts} attempt(s); last error: {last_error}")

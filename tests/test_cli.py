@@ -245,9 +245,9 @@ BAD_INPUTS = {
         lambda tmp: ["--recipe", TINY_RECIPE, "--reward_funcs", "no_such_reward"],
         r"unknown reward 'no_such_reward'",
     ),
-    "reward_raises": (_bad_reward("raises"), r"'raises' raised RuntimeError: reward server unreachable"),
-    "reward_wrong_count": (_bad_reward("too_few"), r"'too_few' returned (\d+) values for (\d+) images"),
-    "reward_nan": (_bad_reward("nan"), r"'nan' returned NaN"),
+    "reward_raises": (_bad_reward("raises"), r"bad_rewards\.py:raises' raised RuntimeError: reward server unreachable"),
+    "reward_wrong_count": (_bad_reward("too_few"), r"bad_rewards\.py:too_few' returned (\d+) values for (\d+) images"),
+    "reward_nan": (_bad_reward("nan"), r"bad_rewards\.py:nan' returned NaN"),
     "missing_resume_folder": (
         lambda tmp: ["--recipe", TINY_RECIPE, "--resume_from_checkpoint", tmp / "no-such-checkpoint"],
         r"--resume_from_checkpoint .*no-such-checkpoint: the folder does not exist",

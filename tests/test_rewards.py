@@ -16,6 +16,7 @@ from trl_flow.rewards import (
     call_reward_func,
     resolve_reward_func,
     resolve_reward_funcs,
+    reward_func_label,
     reward_func_name,
     validate_rewards,
 )
@@ -262,3 +263,56 @@ def test_builtin_rewards_pass_validation() -> None:
     assert results["prompt_color"][0] == pytest.approx(1.0)
     assert math.isnan(results["prompt_color"][1])  # "a cat" names no colour -> None -> NaN
     assert results["brightness"] == pytest.approx([1 / 3, 1 / 3])
+
+
+RECIPE_REWARDS = """
+CALLS = []
+
+
+def r(prompts, completions, **kwargs):
+    CALLS.append(len(completions))
+    if len(CALLS) == 1:
+        raise RuntimeError("model not loaded")
+    return [0.5]  # one value, whatever the batch
+"""
+
+
+def test_errors_name_the_reward_as_the_recipe_spelled_it(tmp_path: Path) -> None:
+    (tmp_path / "my_rewards.py").write_text(RECIPE_REWARDS)
+    (func,) = resolve_reward_funcs(["my_rewards.py:r"], base_dir=tmp_path)
+    assert func.__name__ == reward_func_name(func) == "r"  # metrics keep the function's name, as in TRL
+    assert reward_func_label(func) == "my_rewards.py:r"
+
+    def as_the_trainer_does() -> list[float]:  # trainer._validated_reward: call, then validate by __name__
+        return validate_rewards(func.__name__, call_reward_func(func, ["a", "b"], [None, None]), 2)
+
+    with pytest.raises(UserInputError) as info:
+        as_the_trainer_does()
+    assert str(info.value) == "reward function 'my_rewards.py:r' raised RuntimeError: model not loaded"
+    with pytest.raises(UserInputError, match=r"^reward function 'my_rewards\.py:r' returned 1 values for 2 images"):
+        as_the_trainer_does()
+    # a callable given as such, and a built-in name, are named by __name__
+    assert reward_func_label(rules.brightness) == "brightness"
+    assert reward_func_label(resolve_reward_func("prompt_color")) == "prompt_color"
+
+
+def test_reward_modules_import_in_one_direction() -> None:
+    """server -> resolve -> remote, counting imports inside functions and under TYPE_CHECKING: no circle."""
+    import ast
+
+    import trl_flow.rewards
+
+    folder = Path(trl_flow.rewards.__file__).parent
+    imported = {}
+    for name in ("remote", "resolve", "server"):
+        found = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                found.update([module, *(f"{module}.{alias.name}" for alias in node.names)])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        imported[name] = {
+            m.rsplit(".", 1)[-1] for m in found if m.startswith(("trl_flow.rewards", ".")) and m not in (".", "..")
+        } & {"remote", "resolve", "server", "rewards"}
+    assert imported == {"remote": set(), "resolve": {"remote"}, "server": {"remote", "resolve"}}

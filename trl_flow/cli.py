@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "env":
             return env()
         if command == "serve-reward":
-            from .serve import main_serve_reward
+            from .rewards.server import main_serve_reward
 
             return main_serve_reward(rest)
         if command == "doctor":

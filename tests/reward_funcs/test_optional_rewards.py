@@ -35,7 +35,7 @@ def test_importing_model_rewards_loads_nothing_heavy() -> None:
     root = Path(reward_funcs.__file__).resolve().parent.parent
     modules = ", ".join(f"reward_funcs.{name}" for name in MODEL_REWARDS)
     code = (
-        f"import sys, {modules}, trl_flow.serve; "
+        f"import sys, {modules}, trl_flow.rewards.server; "
         "print(*[m in sys.modules for m in ('torch', 'transformers', 'PIL', 'rapidocr_onnxruntime')])"
     )
     out = subprocess.run(

@@ -1,16 +1,21 @@
-"""Tests for remote rewards: `trl_flow.serve` (server, client, CLI entry point) and `http://` reward specs."""
+"""Tests for remote rewards: `trl_flow.rewards.server`, `trl_flow.rewards.remote` and `http://` reward specs."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,8 @@ import reward_funcs
 from reward_funcs.rules import brightness, prompt_color
 from trl_flow.errors import UserInputError
 from trl_flow.rewards import call_reward_func, resolve_reward_func, resolve_reward_funcs, validate_rewards
-from trl_flow.serve import TOKEN_ENV, RemoteReward, RemoteRewardError, main_serve_reward, remote_reward, serve_reward
+from trl_flow.rewards.remote import TOKEN_ENV, RemoteReward, RemoteRewardError, remote_reward
+from trl_flow.rewards.server import ServerLimits, main_serve_reward, serve_reward
 
 USER_REWARDS = '''
 def by_tag(prompts, completions, tag, **kwargs):
@@ -172,6 +178,17 @@ def test_main_serve_reward_user_error(capsys: pytest.CaptureFixture[str]) -> Non
     assert "unknown reward 'no_such_reward'" in capsys.readouterr().err
 
 
+def test_main_serve_reward_help_shows_the_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main_serve_reward(["--help"])
+    assert info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("max_pixels", 16777216), ("max_images", 256), ("max_queue", 128), ("max_body_mb", 256)]:
+        assert f"--{flag}" in shown and f"(default: {default})" in shown
+    assert main_serve_reward(["brightness", "--max_queue", "0"]) == 2
+    assert "limits must be positive: max_queue" in capsys.readouterr().err
+
+
 def test_main_serve_reward_serves_until_stopped() -> None:
     root = Path(reward_funcs.__file__).resolve().parent.parent
     port = free_port()
@@ -193,5 +210,165 @@ def test_main_serve_reward_serves_until_stopped() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+
+
+# ------------------------------------------------------------------------------------ load and hostile input
+
+
+def post_raw(url: str, body: bytes, token: str | None = "s3cret", timeout: float = 10) -> tuple[int, dict, dict]:
+    """POST `body` as is; (status, decoded JSON answer, headers)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def request_body(images: list[str], prompts: list[str] | None = None, **columns) -> bytes:
+    prompts = ["a"] * len(images) if prompts is None else prompts
+    return json.dumps({"prompts": prompts, "images": images, "columns": columns}).encode()
+
+
+def test_bomb_image_is_refused_from_its_header(brightness_server) -> None:
+    bomb = png_base64(Image.new("1", (20000, 20000)))  # 400 Mpx: PIL itself would raise DecompressionBombError
+    status, body, _ = post_raw(brightness_server.url, request_body([png_base64(pictures(1)[0]), bomb]))
+    assert status == 413
+    assert body["error"] == (
+        "image 1 is too large: 20000x20000 = 400000000 pixels, over the server's max_pixels 16777216"
+    )
+    images = pictures(1)
+    assert remote_reward(brightness_server.url, token="s3cret")(["a"], images) == brightness(["a"], images)
+
+
+def test_limits_of_size_and_depth_get_4xx_naming_them() -> None:
+    limits = ServerLimits(max_body_mb=16 / 1024, max_images=2, max_prompt_chars=10, max_json_depth=5)
+    image = png_base64(pictures(1)[0])
+    with serve_reward("brightness", token="s3cret", limits=limits) as server:
+        status, body, _ = post_raw(server.url, request_body([image], prompts=["x" * 20000]))  # 20 kB > 16 KiB
+        assert status == 413 and "over the server's max_body_mb 0.015625 (16384 bytes)" in body["error"]
+        status, body, _ = post_raw(server.url, request_body([image] * 3))
+        assert status == 413 and "3 images in one request, over the server's max_images 2" in body["error"]
+        status, body, _ = post_raw(server.url, request_body([image], prompts=["x" * 11]))
+        assert status == 413 and "prompt 0 is 11 characters, over the server's max_prompt_chars 10" in body["error"]
+        nested: object = 0
+        for _ in range(5):
+            nested = [nested]
+        status, body, _ = post_raw(server.url, request_body([image], meta=[nested]))  # depth 1 + 2 + 5
+        assert status == 400 and "nested more than 5 levels deep (max_json_depth 5)" in body["error"]
+        status, body, _ = post_raw(server.url, request_body([image], meta=[{"k": "v"}]))  # depth 4 is fine
+        assert status == 200 and len(body["rewards"]) == 1
+    with serve_reward("brightness", token="s3cret") as server:  # deeper than Python's recursion limit
+        status, body, _ = post_raw(server.url, b"[" * 100_000 + b"]" * 100_000)
+        assert status == 400 and "max_json_depth 32" in body["error"]
+
+
+def test_not_an_image_wrong_method_and_a_stalled_client(brightness_server) -> None:
+    not_image = base64.b64encode(b"hello, not a picture").decode()
+    status, body, _ = post_raw(brightness_server.url, request_body([not_image]))
+    assert status == 400 and "image 0 is not a base64-encoded image" in body["error"]
+    request = urllib.request.Request(brightness_server.url, data=b"{}", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 405
+    info.value.close()
+    host, port = brightness_server.server_address[:2]
+    with socket.create_connection((host, port)) as stalled:  # sends half a request, then nothing
+        stalled.sendall(b"POST /brightness HTTP/1.1\r\nContent-Length: 1000\r\nAuthorization: Bearer s3cret\r\n\r\n{")
+        start = time.monotonic()
+        images = pictures(2)
+        scored = remote_reward(brightness_server.url, token="s3cret")(["a", "b"], images)
+        assert scored == brightness(["a", "b"], images)
+        assert time.monotonic() - start < 2
+
+
+def test_busy_server_answers_503_with_retry_after_and_the_client_waits_and_retries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def held(prompts, completions, **kwargs):
+        entered.set()
+        release.wait(10)
+        return brightness(prompts, completions)
+
+    images = pictures(2)
+    expected = brightness(["a", "b"], images)
+    with serve_reward(held, limits=ServerLimits(max_queue=1, retry_after=1)) as server:
+        first = ThreadPoolExecutor(2)
+        holding = first.submit(remote_reward(server.url, retries=0), ["a", "b"], images)
+        assert entered.wait(5)
+        status, body, headers = post_raw(server.url, request_body([png_base64(images[0])]), token=None)
+        assert status == 503 and headers["Retry-After"] == "1" and "max_queue" in body["error"]
+        start = time.monotonic()
+        with caplog.at_level("WARNING", logger="reward_funcs._http"):
+            retried = first.submit(remote_reward(server.url, retries=3, backoff=0.01), ["a", "b"], images)
+            deadline = time.monotonic() + 5
+            while not any("retry 1 of 3 in 1.0 s" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the client did not retry"
+                time.sleep(0.01)
+            release.set()
+            assert retried.result(timeout=10) == expected
+        assert time.monotonic() - start >= 0.9  # it waited Retry-After (1 s), not its own backoff (0.01 s)
+        assert holding.result(timeout=10) == expected
+        (record,) = [r for r in caplog.records if "retry" in r.getMessage()]
+        assert "HTTP 503" in record.getMessage()
+        first.shutdown()
+
+
+SLOW_REWARD = """
+import pathlib
+import time
+
+from reward_funcs.rules import brightness
+
+def slow(prompts, completions, **kwargs):
+    pathlib.Path(MARKER).write_text("scoring")
+    time.sleep(1.0)
+    return brightness(prompts, completions)
+"""
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path: Path) -> None:
+    marker = tmp_path / "scoring"
+    reward_file = tmp_path / "slow_reward.py"
+    reward_file.write_text(f"MARKER = {str(marker)!r}\n" + SLOW_REWARD)
+    root = Path(reward_funcs.__file__).resolve().parent.parent
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trl_flow.cli", "serve-reward", f"{reward_file}:slow", "--port", str(port)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "serving reward 'slow'" in process.stdout.readline()
+        images = pictures(2)
+        client = ThreadPoolExecutor(1)
+        answer = client.submit(remote_reward(f"http://127.0.0.1:{port}/slow", retries=0), ["a", "b"], images)
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the request never reached the reward"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        assert answer.result(timeout=10) == brightness(["a", "b"], images)
+        assert process.wait(timeout=10) == 0
+        assert "stopping: waiting up to 30 s for 1 request(s)" in process.stderr.read()
+        client.shutdown()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
         process.stdout.close()
         process.stderr.close()

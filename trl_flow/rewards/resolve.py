@@ -9,14 +9,16 @@ A reward spec is one of:
   by default the current directory). The file is imported under a module name derived from its absolute path,
   so the same file always yields the same module. Its folder is not added to `sys.path`.
 - the URL of a reward server, `http://host:port/NAME` (or `https://...`), as printed by
-  `trl-flow serve-reward NAME`: the reward is computed by that server (see `trl_flow.serve.remote_reward`).
+  `trl-flow serve-reward NAME`: the reward is computed by that server (see `trl_flow.rewards.remote.remote_reward`).
 
 If the named attribute is a class, it is instantiated without arguments and the instance must be
 callable (handy for rewards that load a model once).
 
 [`call_reward_func`] runs one reward function the way TRL does (keyword arguments `prompts`,
-`completions`, plus extras) and turns any exception into a [`UserInputError`] naming the function;
-[`validate_rewards`] checks the returned values.
+`completions`, plus extras) and turns any exception, or a return [`validate_rewards`] rejects, into a
+[`UserInputError`] naming the function as the recipe spelled it (`my_rewards.py:r`, see [`reward_func_label`]);
+[`validate_rewards`] checks the returned values and converts them. Metrics keep the function's `__name__`
+([`reward_func_name`]), as in TRL.
 """
 
 from __future__ import annotations
@@ -33,17 +35,20 @@ import numbers
 import os
 import re
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from reward_funcs import BUILTIN_REWARDS, get_builtin_reward, list_builtin_rewards
 from trl_flow.errors import UserInputError
+from trl_flow.rewards.remote import remote_reward
 
 __all__ = [
     "call_reward_func",
     "resolve_reward_func",
     "resolve_reward_funcs",
+    "reward_func_label",
     "reward_func_name",
     "validate_rewards",
 ]
@@ -64,6 +69,22 @@ def reward_func_name(func: Callable[..., Any]) -> str:
     while isinstance(func, functools.partial):
         func = func.func
     return getattr(func, "__name__", type(func).__name__)
+
+
+_SPELLINGS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+"""Resolved reward callable -> the spec it was last resolved from, for error messages."""
+
+
+def reward_func_label(func: Callable[..., Any]) -> str:
+    """How errors name a reward: the spec it was resolved from (`my_rewards.py:r`, `http://host:8765/r`), as the
+    recipe spelled it; a callable given as such (or one that cannot be weakly referenced) by [`reward_func_name`].
+
+    A callable resolved from several specs (the same function through two paths) is named by the latest.
+    """
+    try:
+        return _SPELLINGS.get(func) or reward_func_name(func)
+    except TypeError:  # not weakly referenceable
+        return reward_func_name(func)
 
 
 def resolve_reward_funcs(
@@ -103,9 +124,16 @@ def resolve_reward_func(
             f"reward_funcs entry {spec!r} is a {type(spec).__name__}, not a name or path. " + _forms_hint()
         )
     spec = spec.strip()
-    if spec.startswith(("http://", "https://")):
-        from trl_flow.serve import remote_reward
+    func = _resolve_spec(spec, base_dir)
+    try:
+        _SPELLINGS[func] = spec
+    except TypeError:  # not weakly referenceable: errors name it by reward_func_name
+        pass
+    return func
 
+
+def _resolve_spec(spec: str, base_dir: str | os.PathLike[str] | None) -> Callable[..., Any]:
+    if spec.startswith(("http://", "https://")):
         return remote_reward(spec)
     if spec in BUILTIN_REWARDS:
         return get_builtin_reward(spec)
@@ -250,23 +278,32 @@ def validate_rewards(func_name: str, values: Any, num_images: int) -> list[float
 
 
 def call_reward_func(
-    func: Callable[..., Any], prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+    func: Callable[..., Any], prompts: Sequence[Any], completions: Sequence[Any], /, **kwargs: Any
 ) -> Any:
-    """Call `func(prompts=prompts, completions=completions, **kwargs)` as TRL does and return its raw result.
+    """Call `func(prompts=prompts, completions=completions, **kwargs)` as TRL does, check it, return its raw result.
 
-    Coroutine functions (`async def`) are awaited in a fresh event loop. Feed the result to
-    [`validate_rewards`].
+    Coroutine functions (`async def`) are awaited in a fresh event loop. The result is checked with
+    [`validate_rewards`] (one number or None per image) and returned unchanged; feed it to `validate_rewards` for
+    floats. Errors name the function by [`reward_func_label`], i.e. as the recipe spelled it.
 
     Raises:
-        UserInputError: naming the function, chained (`from`) to whatever exception it raised.
+        UserInputError: naming the function, chained (`from`) to whatever exception it raised, or saying what is
+            wrong with what it returned.
     """
-    name = reward_func_name(func)
+    return call_reward_func_named(reward_func_label(func), func, prompts, completions, **kwargs)
+
+
+def call_reward_func_named(
+    name: str, func: Callable[..., Any], prompts: Sequence[Any], completions: Sequence[Any], /, **kwargs: Any
+) -> Any:
+    """[`call_reward_func`], with errors naming the function `name` (e.g. a reward server's served name)."""
     try:
         result = func(prompts=prompts, completions=completions, **kwargs)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
     except Exception as e:
         raise UserInputError(f"reward function '{name}' raised {type(e).__name__}: {e}") from e
+    validate_rewards(name, result, len(completions))
     return result
 
 
