@@ -133,11 +133,11 @@ def _peft_config(model_args, adapter):
 
 def _resolve_model(name: str) -> str:
     if name == "trl-flow/tiny-sd3":
-        from .tiny import ensure_tiny_sd3
+        from .offline_models.sd3 import ensure_tiny_sd3
 
         return str(ensure_tiny_sd3())
     if name == "trl-flow/mini-geneval":  # ships with the package (trl_flow/mini/pretrained)
-        from .mini.model import ensure_mini_sd3
+        from .offline_models.mini_geneval import ensure_mini_sd3
 
         return str(ensure_mini_sd3())
     return name

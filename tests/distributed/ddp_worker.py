@@ -15,7 +15,7 @@ from trl_flow import FlowGRPOConfig, FlowGRPOTrainer
 from trl_flow.cli import describe_setup
 from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
 from trl_flow.doctor import effective_quantities
-from trl_flow.tiny import ensure_tiny_sd3
+from trl_flow.offline_models.sd3 import ensure_tiny_sd3
 
 
 class RecordingTrainer(FlowGRPOTrainer):

@@ -32,7 +32,7 @@ def test_recipe_agrees_with_the_shared_settings() -> None:
 def test_cli_resolves_the_builtin_names(tmp_path) -> None:
     from trl_flow.cli import _load_datasets, _resolve_model, parse_grpo_args
     from trl_flow.mini.data import metadata_rows
-    from trl_flow.mini.model import PRETRAINED_DIR
+    from trl_flow.offline_models.mini_geneval import PRETRAINED_DIR
 
     assert _resolve_model("trl-flow/mini-geneval") == str(PRETRAINED_DIR)
     script_args, config, _ = parse_grpo_args(["--recipe", RECIPE, "--output_dir", str(tmp_path / "out")])
