@@ -23,7 +23,7 @@ def build_pipeline(size: str = "medium", seed: int = 0):
     """A StableDiffusion3Pipeline with a random transformer/VAE of the given size (nothing is downloaded)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from trl_flow.tiny import ensure_tiny_sd3
+    from trl_flow.offline_models.sd3 import ensure_tiny_sd3
 
     spec = SIZES[size]
     torch.manual_seed(seed)

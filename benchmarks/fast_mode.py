@@ -25,7 +25,7 @@ def run(window: int, seconds: float, steps: int):
     from reward_funcs.rules import prompt_color
     from trl_flow import FlowGRPOConfig, FlowGRPOTrainer
     from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
-    from trl_flow.tiny import TINY_SD3_LORA_TARGETS, ensure_tiny_sd3
+    from trl_flow.offline_models.sd3 import TINY_SD3_LORA_TARGETS, ensure_tiny_sd3
 
     config = FlowGRPOConfig(
         output_dir=tempfile.mkdtemp(),

@@ -7,7 +7,7 @@ from peft import LoraConfig
 
 from trl_flow.config import FlowGRPOConfig
 from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
-from trl_flow.tiny import TINY_SD3_LORA_TARGETS
+from trl_flow.offline_models.sd3 import TINY_SD3_LORA_TARGETS
 from trl_flow.trainer import FlowGRPOTrainer
 
 #: A few seconds per run on 2 CPU cores: 32 px, 6 denoising steps, one prompt's group of 8 per micro-batch.

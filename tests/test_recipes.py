@@ -48,7 +48,7 @@ def test_paper_recipe_without_its_prompt_folder_names_it(tmp_path, capsys):
 
 def test_tiny_recipe_trains_the_tiny_lora_targets():
     # The tests and benchmarks train TINY_SD3_LORA_TARGETS: the demo recipe must mean the same model.
-    from trl_flow.tiny import TINY_SD3_LORA_TARGETS
+    from trl_flow.offline_models.sd3 import TINY_SD3_LORA_TARGETS
 
     _, _, model = parse_grpo_args(["--recipe", "recipes/tiny.yaml"])
     assert model.lora_target_modules == list(TINY_SD3_LORA_TARGETS)

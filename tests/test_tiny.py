@@ -1,4 +1,4 @@
-"""Tests for trl_flow.tiny: the offline tiny SD3 pipeline builder (CPU, ~30 s: one build plus one rebuild)."""
+"""Tests for trl_flow.offline_models.sd3, the tiny SD3 builder (CPU, ~30 s: one build plus one rebuild)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from trl_flow import tiny
-from trl_flow.tiny import (
+from trl_flow.offline_models import sd3 as tiny
+from trl_flow.offline_models.sd3 import (
     TINY_IMAGE_SIZE,
     TINY_LATENT_CHANNELS,
     TINY_MAX_SEQUENCE_LENGTH,

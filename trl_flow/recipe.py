@@ -129,11 +129,11 @@ def peft_config_for(model_args, adapter):
 
 def resolve_model(name: str) -> str:
     if name == "trl-flow/tiny-sd3":
-        from .tiny import ensure_tiny_sd3
+        from .offline_models.sd3 import ensure_tiny_sd3
 
         return str(ensure_tiny_sd3())
     if name == "trl-flow/mini-geneval":  # ships with the package (trl_flow/mini/pretrained)
-        from .mini.model import ensure_mini_sd3
+        from .offline_models.mini_geneval import ensure_mini_sd3
 
         return str(ensure_mini_sd3())
     return name

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from trl_flow import FlowGRPOConfig, FlowGRPOTrainer
 from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
+from trl_flow.offline_models.sd3 import ensure_tiny_sd3
 from trl_flow.recipe import describe_setup, effective_quantities
-from trl_flow.tiny import ensure_tiny_sd3
 
 
 class RecordingTrainer(FlowGRPOTrainer):

@@ -81,7 +81,8 @@ def test_shipped_prompt_folder_matches_the_generator(tmp_path) -> None:
 
 
 def test_every_prompt_word_is_one_token_of_the_tiny_vocabulary() -> None:
-    from trl_flow.tiny import _build_clip_tokenizer, _build_t5_tokenizer
+    from trl_flow.offline_models.word_tokenizers import build_clip_tokenizer as _build_clip_tokenizer
+    from trl_flow.offline_models.word_tokenizers import build_t5_tokenizer as _build_t5_tokenizer
 
     clip, t5 = _build_clip_tokenizer(), _build_t5_tokenizer()
     words = {word for spec in all_prompts() for word in spec.prompt.split()}

@@ -31,7 +31,7 @@ def test_recipe_agrees_with_the_shared_settings() -> None:
 
 def test_cli_resolves_the_builtin_names(tmp_path) -> None:
     from trl_flow.mini.data import metadata_rows
-    from trl_flow.mini.model import PRETRAINED_DIR
+    from trl_flow.offline_models.mini_geneval import PRETRAINED_DIR
     from trl_flow.recipe import load_datasets, parse_grpo_args, resolve_model
 
     assert resolve_model("trl-flow/mini-geneval") == str(PRETRAINED_DIR)

@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from trl_flow.mini.evaluate import evaluation_rows, generate, score_images
-from trl_flow.mini.model import (
+from trl_flow.offline_models.mini_geneval import (
     MARKER_FILE,
     MINI_IMAGE_SIZE,
     MINI_MAX_SEQUENCE_LENGTH,

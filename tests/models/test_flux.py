@@ -33,7 +33,7 @@ PROMPTS = ["a red image", "something blue"]
 
 @pytest.fixture(scope="module")
 def tiny_flux_path():
-    from trl_flow.tiny_flux import ensure_tiny_flux
+    from trl_flow.offline_models.flux import ensure_tiny_flux
 
     return ensure_tiny_flux()
 

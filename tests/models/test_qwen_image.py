@@ -16,7 +16,7 @@ NEGATIVE = " "
 
 @pytest.fixture(scope="module")
 def tiny_qwen_image_path():
-    from trl_flow.tiny_qwen_image import ensure_tiny_qwen_image
+    from trl_flow.offline_models.qwen_image import ensure_tiny_qwen_image
 
     return ensure_tiny_qwen_image()
 

@@ -30,7 +30,7 @@ def _one_torch_thread():
 
 
 def _tiny_tokenizer(max_length: int):
-    from trl_flow.tiny import _build_clip_tokenizer
+    from trl_flow.offline_models.word_tokenizers import build_clip_tokenizer as _build_clip_tokenizer
 
     tokenizer = _build_clip_tokenizer()
     tokenizer.model_max_length = max_length

@@ -13,7 +13,7 @@ from dataclasses import fields
 
 import torch
 
-from trl_flow.mini.model import MARKER_FILE, MiniBuildConfig, build_mini_sd3
+from trl_flow.offline_models.mini_geneval import MARKER_FILE, MiniBuildConfig, build_mini_sd3
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ def generate(
     """Images of a plain diffusers SD3 pipeline for ``prompts`` (ODE sampling), deterministic for ``seed``."""
     import torch
 
-    from trl_flow.mini.model import MINI_IMAGE_SIZE, MINI_MAX_SEQUENCE_LENGTH
+    from trl_flow.offline_models.mini_geneval import MINI_IMAGE_SIZE, MINI_MAX_SEQUENCE_LENGTH
 
     images = []
     for start in range(0, len(prompts), batch_size):

@@ -70,7 +70,7 @@ def make_mini_trainer(
     from trl_flow.config import FlowGRPOConfig
     from trl_flow.data import load_prompt_dataset
     from trl_flow.mini.data import PROMPTS_DIR
-    from trl_flow.mini.model import ensure_mini_sd3
+    from trl_flow.offline_models.mini_geneval import ensure_mini_sd3
     from trl_flow.trainer import FlowGRPOTrainer
 
     settings = dict(MINI_GRPO_SETTINGS)

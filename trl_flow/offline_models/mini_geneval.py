@@ -3,9 +3,9 @@
 The result is a folder that plain ``diffusers.StableDiffusion3Pipeline.from_pretrained(path)`` loads:
 
 * ``tokenizer`` / ``tokenizer_2`` / ``tokenizer_3`` and ``text_encoder`` / ``text_encoder_2`` / ``text_encoder_3``:
-  the word-level tokenizers and frozen random CLIP x2 + T5 encoders of :mod:`trl_flow.tiny` (every word of the
-  task's prompts is one token), except that CLIP prompts are padded to 16 tokens instead of 77 (the pipeline pads
-  CLIP to ``tokenizer.model_max_length``), which keeps the joint attention short;
+  the word-level tokenizers and frozen random CLIP x2 + T5 encoders of the tiny SD3 (:func:`.sd3_text_stack`; every
+  word of the task's prompts is one token), except that CLIP prompts are padded to 16 tokens instead of 77 (the
+  pipeline pads CLIP to ``tokenizer.model_max_length``), which keeps the joint attention short;
 * ``vae``: an :class:`~diffusers.AutoencoderKL` (32x32x3 <-> 16x16x4, ~625k parameters) trained to reconstruct the
   task's images (the same mix of one- and two-object images the transformer sees); ``scaling_factor`` /
   ``shift_factor`` make the latents roughly zero-mean, unit-variance;
@@ -37,7 +37,12 @@ import torch
 
 from trl_flow.mini.data import BACKGROUND, IMAGE_SIZE, sample_images, split_prompts
 
+from .cache import MARKER_FILE, absolute_path, cache_root, ensure_build, is_complete, save_build
+from .sd3 import SD3TextStack, sd3_pipeline, sd3_text_stack, sd3_transformer
+from .vae import autoencoder_kl, train_vae
+
 __all__ = [
+    "MARKER_FILE",
     "MINI_IMAGE_SIZE",
     "MINI_MAX_SEQUENCE_LENGTH",
     "MINI_SD3_VERSION",
@@ -57,13 +62,9 @@ MINI_IMAGE_SIZE: int = IMAGE_SIZE
 MINI_MAX_SEQUENCE_LENGTH: int = 16
 """``max_sequence_length`` to call the pipeline with (the longest prompt has 10 words)."""
 
-PRETRAINED_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent / "pretrained"
-"""The shipped build (seed 0, default :class:`MiniBuildConfig`)."""
+PRETRAINED_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent.parent / "mini" / "pretrained"
+"""The shipped build (seed 0, default :class:`MiniBuildConfig`): package data of :mod:`trl_flow.mini`."""
 
-MARKER_FILE: str = ".complete"
-"""Written last into a finished build folder; holds the build settings and metrics as JSON."""
-
-_CACHE_ENV = "TRL_FLOW_CACHE"
 _CLIP_MAX_LENGTH = 16
 _LATENT_CHANNELS = 4
 _VAE_OBJECT_WEIGHT = 4.0
@@ -108,76 +109,42 @@ class MiniBuildConfig:
 
 def default_cache_dir() -> pathlib.Path:
     """``$TRL_FLOW_CACHE`` (default ``~/.cache/trl_flow``) / ``mini-sd3-{MINI_SD3_VERSION}``."""
-    root = os.environ.get(_CACHE_ENV) or os.path.join("~", ".cache", "trl_flow")
-    return pathlib.Path(root).expanduser() / f"mini-sd3-{MINI_SD3_VERSION}"
-
-
-def _is_complete(path: pathlib.Path) -> bool:
-    return (path / MARKER_FILE).is_file()
+    return cache_root() / f"mini-sd3-{MINI_SD3_VERSION}"
 
 
 # ----------------------------------------------------------------------------------------------------- models
 
 
-def _build_text_stack():
+def _build_text_stack() -> SD3TextStack:
     """Tokenizers and frozen random text encoders of the tiny SD3 build, CLIP padded to 16 tokens."""
-    from trl_flow.tiny import _build_clip_tokenizer, _build_t5_tokenizer, _build_text_encoders
-
-    clip_tokenizer = _build_clip_tokenizer()
-    clip_tokenizer.model_max_length = _CLIP_MAX_LENGTH
-    t5_tokenizer = _build_t5_tokenizer()
-    text_encoder, text_encoder_2, text_encoder_3 = _build_text_encoders(clip_tokenizer, t5_tokenizer)
-    for encoder in (text_encoder, text_encoder_2, text_encoder_3):
+    text = sd3_text_stack(clip_max_length=_CLIP_MAX_LENGTH)
+    for encoder in (text.text_encoder, text.text_encoder_2, text.text_encoder_3):
         encoder.requires_grad_(False)
-    return clip_tokenizer, t5_tokenizer, text_encoder, text_encoder_2, text_encoder_3
+    return text
 
 
 def _build_vae():
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+    # A small posterior std from the start (autoencoder_kl does that) and a tiny KL weight: sampling noise would
+    # teach the decoder to blur edges, and then squares come back with round corners.
+    return autoencoder_kl(
         block_out_channels=(32, 64),
         layers_per_block=1,
-        act_fn="silu",
-        latent_channels=_LATENT_CHANNELS,
         norm_num_groups=8,
         sample_size=MINI_IMAGE_SIZE,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        force_upcast=False,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
+        latent_channels=_LATENT_CHANNELS,
     )
-    with torch.no_grad():
-        # A small posterior std from the start (and a tiny KL weight): sampling noise would teach the decoder to blur
-        # edges, and then squares come back with round corners.
-        vae.encoder.conv_out.weight[_LATENT_CHANNELS:].mul_(0.1)
-        vae.encoder.conv_out.bias[_LATENT_CHANNELS:].fill_(-6.0)
-    return vae
 
 
-def _build_transformer(config: MiniBuildConfig, joint_attention_dim: int, pooled_projection_dim: int):
-    from diffusers import SD3Transformer2DModel
-
+def _build_transformer(config: MiniBuildConfig, text: SD3TextStack):
     head_dim = 32
-    return SD3Transformer2DModel(
+    return sd3_transformer(
+        text,
         sample_size=MINI_IMAGE_SIZE // 2,
-        patch_size=2,
-        in_channels=_LATENT_CHANNELS,
-        out_channels=_LATENT_CHANNELS,
         num_layers=config.num_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=config.width // head_dim,
-        joint_attention_dim=joint_attention_dim,
+        head_dim=head_dim,
+        heads=config.width // head_dim,
         caption_projection_dim=config.width,
-        pooled_projection_dim=pooled_projection_dim,
-        pos_embed_max_size=16,  # in patches: up to 64 px
-        qk_norm="rms_norm",
+        latent_channels=_LATENT_CHANNELS,
     )
 
 
@@ -198,34 +165,31 @@ def _train_vae(vae, config: MiniBuildConfig, seed: int, log: Callable[[str], Non
         train_specs, config.vae_steps * config.vae_batch_size, seed + 11, single_fraction=config.single_fraction
     )
     pixels = _to_tensor(images)
-    generator = torch.Generator().manual_seed(seed + 12)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.vae_lr, total_steps=config.vae_steps, pct_start=0.1
-    )
-    latent_numel = _LATENT_CHANNELS * (MINI_IMAGE_SIZE // 2) ** 2
     background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
-    vae.train()
     start = time.perf_counter()
-    for step in range(config.vae_steps):
-        x = pixels[step * config.vae_batch_size : (step + 1) * config.vae_batch_size]
-        posterior = vae.encode(x).latent_dist
-        err = vae.decode(posterior.sample(generator=generator)).sample - x
+
+    def object_weighted_loss(err: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # Objects cover ~15% of an image: weigh their pixels (and a 1-pixel rim) 5x, or the shapes' corners and
         # tips are the last thing learnt. Measured (batch 32): reconstructions of test images pass the reward's
         # checks 79% / 97% of the time after 100 / 200 steps, against 2% / 83% unweighted.
         on_object = ((x - background).abs().sum(dim=1, keepdim=True) > 0.1).float()
         weight = 1 + _VAE_OBJECT_WEIGHT * torch.nn.functional.max_pool2d(on_object, 3, stride=1, padding=1)
-        kl = posterior.kl().mean() / latent_numel
-        loss = (weight * (err.abs() + err.square())).mean() + _VAE_KL_WEIGHT * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        return (weight * (err.abs() + err.square())).mean()
+
+    def progress(step: int, loss: torch.Tensor) -> None:
         if (step + 1) % 50 == 0 or step + 1 == config.vae_steps:
             log(f"vae step {step + 1}/{config.vae_steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
-    vae.eval().requires_grad_(False)
+
+    train_vae(
+        vae,
+        steps=config.vae_steps,
+        lr=config.vae_lr,
+        generator=torch.Generator().manual_seed(seed + 12),
+        batch=lambda step: pixels[step * config.vae_batch_size : (step + 1) * config.vae_batch_size],
+        reconstruction_loss=object_weighted_loss,
+        kl_weight=_VAE_KL_WEIGHT,
+        on_step=progress,
+    )
     test_images, test_indices, _ = sample_images(test_specs, 256, seed + 13, single_fraction=config.single_fraction)
     with torch.no_grad():
         x = _to_tensor(test_images)
@@ -354,25 +318,11 @@ def _train_transformer(pipe, config: MiniBuildConfig, seed: int, log: Callable[[
 
 
 def _build_pipeline(config: MiniBuildConfig, seed: int, log: Callable[[str], None]):
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    torch.manual_seed(seed)
-    clip_tokenizer, t5_tokenizer, text_encoder, text_encoder_2, text_encoder_3 = _build_text_stack()
-    joint_dim = text_encoder_3.config.d_model
-    pooled_dim = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
-    transformer = _build_transformer(config, joint_dim, pooled_dim)
+    torch.manual_seed(seed)  # the encoders, the transformer and the VAE are drawn in this order
+    text = _build_text_stack()
+    transformer = _build_transformer(config, text)
     vae = _build_vae()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tokenizer,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=t5_tokenizer,
-    )
+    pipe = sd3_pipeline(text, transformer, vae, shift=1.0)
     metrics = _train_vae(vae, config, seed, log)
     metrics.update(_train_transformer(pipe, config, seed, log))
     return pipe, metrics
@@ -384,8 +334,6 @@ def _build_pipeline(config: MiniBuildConfig, seed: int, log: Callable[[str], Non
 def _build_into(
     target: pathlib.Path, config: MiniBuildConfig, seed: int, keep_complete: bool, log: Callable[[str], None]
 ) -> pathlib.Path:
-    from trl_flow.tiny import save_build
-
     def build():
         start = time.perf_counter()
         pipe, metrics = _build_pipeline(config, seed, log)
@@ -406,10 +354,10 @@ def build_mini_sd3(
     """Build the mini SD3 pipeline into ``output_dir`` and return the folder.
 
     Written into a temporary folder next to ``output_dir`` and renamed into place once complete (marker file
-    written last), like :func:`trl_flow.tiny.build_tiny_sd3`; an existing previous build there is replaced. The
+    written last), like :func:`.build_tiny_sd3`; an existing previous build there is replaced. The
     caller's global torch RNG state is left untouched. ``log`` receives progress lines (default: none).
     """
-    target = pathlib.Path(output_dir).expanduser().absolute()
+    target = absolute_path(output_dir)
     return _build_into(target, config or MiniBuildConfig(), seed, keep_complete=False, log=log or (lambda _: None))
 
 
@@ -420,11 +368,9 @@ def ensure_mini_sd3(path: str | os.PathLike | None = None) -> pathlib.Path:
     :func:`default_cache_dir`, built there (seed 0, default settings; minutes) if needed. With ``path``: that folder,
     built if it holds no complete build. Concurrent callers are serialised by a lock file next to the folder.
     """
-    from trl_flow.tiny import ensure_build
-
-    if path is None and _is_complete(PRETRAINED_DIR):
+    if path is None and is_complete(PRETRAINED_DIR):
         return PRETRAINED_DIR
-    target = pathlib.Path(path if path is not None else default_cache_dir()).expanduser().absolute()
+    target = absolute_path(path if path is not None else default_cache_dir())
     return ensure_build(
         target, lambda folder: _build_into(folder, MiniBuildConfig(), seed=0, keep_complete=True, log=lambda _: None)
     )
