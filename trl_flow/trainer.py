@@ -47,7 +47,7 @@ from .models import FlowModelAdapter, adapter_for_pipeline
 from .models.loading import load_pipeline
 from .offload import FrozenModules
 from .policy import DiffusionPolicy
-from .rewards import call_reward_func, resolve_reward_funcs, validate_rewards
+from .rewards import call_reward_func, resolve_reward_funcs, reward_func_label, validate_rewards
 from .rollout import RolloutSampler
 from .sde import SDEStepOutput
 
@@ -58,7 +58,7 @@ def _validated_reward(func):
     @functools.wraps(func)
     def reward(prompts, completions, **kwargs):
         values = call_reward_func(func, prompts, completions, **kwargs)
-        return validate_rewards(func.__name__, values, len(completions))
+        return validate_rewards(reward_func_label(func), values, len(completions))
 
     return reward
 
