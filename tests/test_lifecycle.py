@@ -429,6 +429,27 @@ def test_resume_from_a_path_can_end_inside_the_buffered_generation_batch(killed_
     assert (output_dir / LORA_FILE).is_file() and (output_dir / "ema" / LORA_FILE).is_file()
 
 
+def test_a_checkpoint_written_before_the_architecture_move_resumes(tmp_path):
+    # Written by the code before trainer.py was split (see tests/data/checkpoint_before_architecture/README.md),
+    # inside a generation batch: the resumed step trains on the restored TRL buffer, with no rollout of its own.
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(REPO_ROOT / "tests" / "data" / "checkpoint_before_architecture" / "checkpoint-3", checkpoint)
+    output_dir = tmp_path / "out"
+    resume = ["--resume_from_checkpoint", str(checkpoint), "--max_steps", "4"]
+    resume += ["--eval_strategy", "no", "--eval_on_start", "false"]
+    process = cli_process(output_dir, "old.log", *resume)
+    finish(process, tmp_path / "old.log")
+    log = (tmp_path / "old.log").read_text()
+    assert f"resuming from {checkpoint}" in log
+    assert "sample grid: none (no rollout in this run)" in log, log[-3000:]
+    assert "regenerated" not in log and "not restored" not in log, log[-3000:]
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 4
+    before, after = load_file(str(checkpoint / LORA_FILE)), load_file(str(output_dir / LORA_FILE))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[name], after[name]) for name in before), "step 4 did not train"
+    assert (output_dir / "ema" / LORA_FILE).is_file()
+
+
 # ------------------------------------------------------------------------------------------- refused up front
 def test_push_to_hub_offline_fails_before_loading_anything(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
