@@ -7,7 +7,8 @@
 
 and the pieces they share: :mod:`.cache` (cache folder, completeness marker, lock, atomic install),
 :mod:`.word_tokenizers` and :mod:`.text_encoders` (word-level tokenizers, small random CLIP/T5/Qwen2.5-VL encoders),
-:mod:`.vae` (VAE construction, synthetic images, training, calibration).
+:mod:`.vae` (VAE construction, synthetic images, training, calibration), :mod:`.schedulers` (the dynamically
+shifted flow-matching scheduler of FLUX and Qwen-Image).
 
 The names below are importable from this package too; each loads its module (and diffusers) on first use only.
 """

@@ -36,6 +36,7 @@ import pathlib
 import torch
 
 from .cache import SeededBuild
+from .schedulers import dynamic_shift_scheduler
 from .text_encoders import clip_text_encoder, t5_encoder
 from .vae import TINY_LATENT_CHANNELS, trained_tiny_vae
 from .word_tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -69,7 +70,7 @@ def _build_transformer():
 
 
 def _build_pipeline(seed: int):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxPipeline
 
     torch.manual_seed(seed)  # the encoders, the transformer and the VAE are drawn in this order
     clip_tokenizer = build_clip_tokenizer()
@@ -78,15 +79,7 @@ def _build_pipeline(seed: int):
     text_encoder_2 = t5_encoder(t5_tokenizer, _T5_DIM)
     transformer = _build_transformer()
     vae, metrics = trained_tiny_vae(seed, name="FLUX")
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = dynamic_shift_scheduler(shift=3.0, max_shift=1.15, max_image_seq_len=4096)
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae,

@@ -44,6 +44,7 @@ import pathlib
 import torch
 
 from .cache import SeededBuild
+from .schedulers import dynamic_shift_scheduler
 from .text_encoders import qwen_text_encoder
 from .vae import TINY_LATENT_CHANNELS, trained_tiny_qwen_vae
 from .word_tokenizers import build_qwen_tokenizer
@@ -99,23 +100,15 @@ def _build_transformer():
 
 
 def _build_pipeline(seed: int):
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import QwenImagePipeline
 
     torch.manual_seed(seed)  # the text encoder, the transformer and the VAE are drawn in this order
     tokenizer = build_qwen_tokenizer()
     text_encoder = qwen_text_encoder(tokenizer, _TEXT_DIM)
     transformer = _build_transformer()
     vae, metrics = trained_tiny_qwen_vae(seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
+    scheduler = dynamic_shift_scheduler(
+        shift=1.0, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"
     )
     pipe = QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer

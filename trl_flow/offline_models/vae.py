@@ -43,20 +43,11 @@ TINY_VAE_DOWNSAMPLE: int = 4
 """Spatial downsampling of the tiny VAEs (real SD3/FLUX/Qwen-Image VAEs have 8): 32x32 images are 8x8 latents."""
 
 PALETTE: tuple[tuple[float, float, float], ...] = (
-    (1.0, 0.0, 0.0),  # red
-    (0.0, 1.0, 0.0),  # green
-    (0.0, 0.0, 1.0),  # blue
-    (1.0, 1.0, 0.0),  # yellow
-    (1.0, 1.0, 1.0),  # white
-    (0.0, 0.0, 0.0),  # black
-    (1.0, 0.0, 1.0),  # magenta
-    (0.0, 1.0, 1.0),  # cyan
-    (1.0, 0.5, 0.0),  # orange
-    (0.5, 0.0, 0.5),  # purple
-    (0.5, 0.5, 0.5),  # gray
-    (0.55, 0.27, 0.07),  # brown
+    (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.0),  # red, green, blue, yellow
+    (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0),  # white, black, magenta, cyan
+    (1.0, 0.5, 0.0), (0.5, 0.0, 0.5), (0.5, 0.5, 0.5), (0.55, 0.27, 0.07),  # orange, purple, gray, brown
     (1.0, 0.75, 0.8),  # pink
-)
+)  # fmt: skip
 """Named colours: half of the synthetic images' colours, and the solid colours of the sanity check."""
 
 
