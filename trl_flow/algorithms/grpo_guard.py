@@ -16,7 +16,8 @@ over-optimises. GRPO-Guard, per trained step ``k``:
       log r'_k = (log pi_theta(x_next | x) - log pi_old(x_next | x) + b_k) * std   (= mean_D(z d) exactly)
 
   ``b_k`` is reduced over each sample's latent elements. The official code reduces it over the dimensions of the
-  log-prob, an empty tuple for a ``(B,)`` tensor, which gives the batch's mean instead (flow_grpo issue 244).
+  log-prob, an empty tuple for a ``(B,)`` tensor, which gives the batch's mean instead (flow_grpo issue 244). We
+  compute ``mean_D(z d)`` directly (see `normalized_log_ratio`).
 * **gradient reweighting**: ``mean_theta`` depends on the velocity through a factor proportional to ``|dt|``, so the
   step's clipped loss is divided by ``-dt = sigma - sigma_next``.
 
@@ -45,17 +46,15 @@ def per_sample_std(std: torch.Tensor, batch_size: int) -> torch.Tensor:
     return std.reshape(-1)[:1].expand(batch_size) if std.numel() == 1 else std.reshape(batch_size, -1)[:, 0]
 
 
-def ratio_bias(mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``b = mean_D((mean - old_mean)^2) / (2 std^2)``, one value per sample: reduced over each sample's latent
-    elements (never over the batch, the bug of flow_grpo issue 244). ``std`` is ``(B,)``."""
-    return ((mean - old_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std**2)
-
-
 def normalized_log_ratio(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor
+    next_sample: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
-    """GRPO-Guard's normalised log-ratio ``(log_prob - old_log_prob + b) * std`` per sample (``std`` is ``(B,)``)."""
-    return (log_prob - old_log_prob + ratio_bias(mean, old_mean, std)) * std
+    """GRPO-Guard's normalised log-ratio ``(log pi_theta - log pi_old + b) * std`` per sample (``std`` is ``(B,)``),
+    computed as ``mean_D((x_next - old_mean) * (mean - old_mean)) / std``: equal in exact arithmetic (gradients
+    included), without subtracting two float32 log-probs of size ~1, whose round-off (~1e-7 * std) would be a few
+    percent of the official clip range 2e-6. Reduced over each sample's latent elements, never over the batch."""
+    dims = tuple(range(1, mean.ndim))
+    return ((next_sample - old_mean) * (mean - old_mean)).mean(dim=dims) / std
 
 
 def gradient_weight(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
@@ -75,13 +74,13 @@ class GRPOGuard(FlowGRPO):
     ) -> ClippedLoss:
         advantages = batch["advantages"]
         std = per_sample_std(step.std, advantages.shape[0])
-        old_log_prob = batch["old_log_probs"][:, term]
-        log_ratio = normalized_log_ratio(step.log_prob, old_log_prob, step.mean, batch["old_means"][:, term], std)
+        log_ratio = normalized_log_ratio(step.prev_sample, step.mean, batch["old_means"][:, term], std)
         clipped = clipped_policy_loss(
             log_ratio, torch.zeros_like(log_ratio), advantages, self.epsilon_low, self.epsilon_high
         )
         clipped.loss = clipped.loss * gradient_weight(batch["sigmas"][:, term], batch["sigmas_next"][:, term])
-        stats["unnormalized_ratio"].append(torch.exp(step.log_prob - old_log_prob).detach())
+        unnormalized = torch.exp(step.log_prob - batch["old_log_probs"][:, term])
+        stats["unnormalized_ratio"].append(unnormalized.detach())
         return clipped
 
     def metrics(self, stats: LossStats, gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
