@@ -117,7 +117,15 @@ class FlowGRPOConfig(GRPOConfig):
 
     algorithm: str = field(
         default="flow_grpo",
-        metadata={"help": "The RL algorithm (see trl_flow/algorithms): flow_grpo (Flow-GRPO: PPO-clip per SDE step)."},
+        metadata={"help": "flow_grpo (Flow-GRPO) or grpo_guard (GRPO-Guard, clip ~2e-6): see trl_flow/algorithms."},
+    )
+    sde_type: str = field(
+        default="flow_sde",
+        metadata={
+            "help": "Rollout SDE step, also used to rescore it (trl_flow/sde.py): flow_sde (Flow-GRPO, noise_level "
+            "0.7), dance_sde (DanceGRPO, constant coefficient; 0.3) or cps (coefficients-preserving; (0, 1], 0.8; "
+            "log-prob -mean((x_next - mean)^2), not a density: log-ratios 2 std^2 x Gaussian; epsilon 1e-5)."
+        },
     )
     # Rollouts
     num_inference_steps: int = field(
@@ -327,14 +335,8 @@ class FlowGRPOConfig(GRPOConfig):
             (0 < self.timestep_fraction <= 1, "timestep_fraction must be in (0, 1]"),
             (self.height > 0 and self.width > 0, "height and width must be positive"),
             (self.guidance_scale >= 0, "guidance_scale must be >= 0"),
-            (
-                self.scale_rewards in ("group", "batch", "none"),
-                "scale_rewards must be 'group', 'batch' or 'none'",
-            ),
-            (
-                self.rollout_batch_size is None or self.rollout_batch_size >= 1,
-                "rollout_batch_size must be >= 1",
-            ),
+            (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be 'group', 'batch' or 'none'"),
+            (self.rollout_batch_size is None or self.rollout_batch_size >= 1, "rollout_batch_size must be >= 1"),
             (
                 self.train_micro_batch_size is None or self.train_micro_batch_size >= 1,
                 "train_micro_batch_size must be >= 1 (or unset)",
@@ -347,10 +349,9 @@ class FlowGRPOConfig(GRPOConfig):
             if not ok:
                 raise UserInputError(message)
         self._check_guard()
-        from .algorithms import ALGORITHMS  # here, not at import: `trl-flow --help` should not load diffusers
+        from .algorithms import check_algorithm_args  # not at import: `trl-flow --help` must not load diffusers
 
-        if self.algorithm not in ALGORITHMS:
-            raise UserInputError(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        check_algorithm_args(self)
         self._warn_unused_save_keys()
         if self.prompts_per_step is not None or self.updates_per_generation is not None:
             self._derive_batch_from_global_quantities(launched_world_size())

@@ -28,8 +28,10 @@ TrainerClock = Callable[[], tuple[int, int]]
 #: ``denoiser_for_generation()`` is a context manager yielding the policy's denoiser for sampling (gathered under
 #: ZeRO-3, unwrapped from DDP).
 GenerationDenoiser = Callable[[], contextlib.AbstractContextManager]
-#: What a training rollout records per sample: the trained steps' trajectory, or only the final latents.
-RolloutRecord = Literal["trajectory", "final_latents"]
+#: What a training rollout records per sample: the trained steps' trajectory (``latents``, ``next_latents``,
+#: ``old_log_probs``, ``sigmas``, ``sigmas_next``), that plus each step's mean ``old_means`` (algorithms that compare
+#: step means, GRPO-Guard), or only the final latents.
+RolloutRecord = Literal["trajectory", "trajectory_with_means", "final_latents"]
 
 _STEP_SEED_STRIDE = 104729
 _PROCESS_SEED_STRIDE = 7919
@@ -144,10 +146,12 @@ class RolloutSampler:
         trained_steps: range,
         generator: torch.Generator | list[torch.Generator],
         antithetic: bool = False,
+        with_means: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Denoise one batch; return the final latents and, per trained step, what the loss needs. ``generator`` may
         be one generator per image (noise independent of how the batch is split over processes and chunks).
-        ``antithetic``: images 2k and 2k+1 start from the same noise and take mirrored SDE noise (eps, -eps)."""
+        ``antithetic``: images 2k and 2k+1 start from the same noise and take mirrored SDE noise (eps, -eps).
+        ``with_means``: also record each trained step's mean as ``old_means``."""
         args = self.args
         sigmas = self.adapter.sigmas(num_steps, args.height, args.width)
         batch_size = next(iter(conditioning.values())).shape[0]
@@ -159,6 +163,8 @@ class RolloutSampler:
         else:
             latents = self.adapter.prepare_latents(batch_size, args.height, args.width, generator).float()
         record: dict[str, list[torch.Tensor]] = {"latents": [], "next_latents": [], "old_log_probs": []}
+        if with_means:
+            record["old_means"] = []
         for i in range(num_steps):
             sigma = sigmas[i].expand(batch_size)
             velocity = self.adapter.predict_velocity(denoiser, latents, sigma, conditioning, args.guidance_scale)
@@ -169,12 +175,21 @@ class RolloutSampler:
                 half = randn_tensor((batch_size // 2, *latents.shape[1:]), generator=lead, dtype=torch.float32)
                 eps = torch.stack([half, -half], dim=1).flatten(0, 1).to(latents.device)
             step = sde_step_with_logprob(
-                velocity, sigmas[i], sigmas[i + 1], latents, noise_level=step_noise, generator=generator, noise=eps
+                velocity,
+                sigmas[i],
+                sigmas[i + 1],
+                latents,
+                noise_level=step_noise,
+                generator=generator,
+                noise=eps,
+                sde_type=args.sde_type,
             )
             if i in trained_steps:
                 record["latents"].append(latents)
                 record["next_latents"].append(step.prev_sample)
                 record["old_log_probs"].append(step.log_prob)
+                if with_means:
+                    record["old_means"].append(step.mean)
             latents = step.prev_sample
 
         trajectory = {}
@@ -218,12 +233,19 @@ class RolloutSampler:
                 part = {name: tensor[start : start + chunk] for name, tensor in conditioning.items()}
                 generators = generator[start : start + chunk] if isinstance(generator, list) else generator
                 final_latents, trajectory = self.denoise(
-                    denoiser, part, num_steps, noise_level, trained_steps, generators, antithetic
+                    denoiser,
+                    part,
+                    num_steps,
+                    noise_level,
+                    trained_steps,
+                    generators,
+                    antithetic,
+                    with_means=record == "trajectory_with_means",
                 )
                 chunk_completions = self.adapter.decode_latents(final_latents)
                 if on_chunk_decoded is not None:
                     on_chunk_decoded(start, chunk_completions)
                 completions.extend(chunk_completions)
-                records.append(trajectory if record == "trajectory" else {"final_latents": final_latents})
+                records.append({"final_latents": final_latents} if record == "final_latents" else trajectory)
         batch = {name: torch.cat([r[name] for r in records]) for name in records[0]}
         return completions, batch, conditioning

@@ -15,8 +15,9 @@ the optimizer step, checkpoints. An algorithm says:
 Rollout batches are dicts of batch-first tensors, because TRL shuffles and splits every tensor of a generation batch
 along dim 0. Keys the trainer always provides: ``advantages`` (B,) and the conditioning tensors prefixed ``cond_``;
 with ``rollout_record == "trajectory"`` also ``latents``, ``next_latents`` (B, K, *latent), ``old_log_probs``,
-``sigmas``, ``sigmas_next`` (B, K); with ``"final_latents"``, ``final_latents`` (B, *latent). Latents may have any
-rank (images (C, H, W), video (C, F, H, W)): every reduction is over all non-batch dimensions.
+``sigmas``, ``sigmas_next`` (B, K); with ``"trajectory_with_means"`` those and ``old_means`` (B, K, *latent), each
+trained step's mean under the rollout policy; with ``"final_latents"``, ``final_latents`` (B, *latent). Latents may
+have any rank (images (C, H, W), video (C, F, H, W)): every reduction is over all non-batch dimensions.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ class Algorithm(ABC):
 
     #: the ``algorithm`` config value that selects this class.
     name: ClassVar[str]
-    #: what a training rollout records: the per-step ``"trajectory"`` or only the ``"final_latents"``.
-    rollout_record: ClassVar[Literal["trajectory", "final_latents"]] = "trajectory"
+    #: what a training rollout records: the per-step ``"trajectory"`` (``"trajectory_with_means"``: with the step
+    #: means) or only the ``"final_latents"``.
+    rollout_record: ClassVar[Literal["trajectory", "trajectory_with_means", "final_latents"]] = "trajectory"
+    #: the ``sde_type`` values the algorithm's objective is valid for (None: any).
+    sde_types: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, args: Any, adapter: FlowModelAdapter) -> None:
         self.args = args

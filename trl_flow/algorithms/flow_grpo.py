@@ -80,6 +80,7 @@ class FlowGRPO(Algorithm):
             latents,
             self.args.noise_level,
             prev_sample=batch["next_latents"][:, k],
+            sde_type=self.args.sde_type,
         )
 
     def num_terms(self, batch: dict[str, torch.Tensor]) -> int:
@@ -95,6 +96,15 @@ class FlowGRPO(Algorithm):
         with reference(model) as denoiser:
             return [{"ref_mean": self.rescore_step(denoiser, batch, k).mean} for k in range(self.num_terms(batch))]
 
+    def step_policy_loss(
+        self, step: SDEStepOutput, batch: dict[str, torch.Tensor], term: int, stats: LossStats
+    ) -> ClippedLoss:
+        """The per-sample PPO-clip loss of trained step ``term``, given its rescored ``step`` (the seam GRPO-Guard
+        overrides; extra diagnostics go into ``stats``)."""
+        return clipped_policy_loss(
+            step.log_prob, batch["old_log_probs"][:, term], batch["advantages"], self.epsilon_low, self.epsilon_high
+        )
+
     def term_loss(
         self,
         model: Any,
@@ -104,9 +114,7 @@ class FlowGRPO(Algorithm):
         stats: LossStats,
     ) -> torch.Tensor:
         step = self.rescore_step(model, batch, term)
-        clipped = clipped_policy_loss(
-            step.log_prob, batch["old_log_probs"][:, term], batch["advantages"], self.epsilon_low, self.epsilon_high
-        )
+        clipped = self.step_policy_loss(step, batch, term, stats)
         loss = clipped.loss.mean()
         if prepared is not None:
             kl = kl_between_steps(step.mean, prepared["ref_mean"], step.std)
