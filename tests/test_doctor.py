@@ -1,4 +1,4 @@
-import trl_flow.trainer
+import trl_flow.rollout
 from trl_flow.cli import main
 from trl_flow.sde import sde_step_with_logprob
 
@@ -40,7 +40,7 @@ def test_a_wrong_step_function_fails_the_sampler_row(capsys, monkeypatch):
             out.prev_sample = out.prev_sample + 0.3
         return out
 
-    monkeypatch.setattr(trl_flow.trainer, "sde_step_with_logprob", euler_with_a_bug)
+    monkeypatch.setattr(trl_flow.rollout, "sde_step_with_logprob", euler_with_a_bug)
     code, out = run(capsys)
     assert code == 1
     assert row(out, "SDE at noise_level 0").endswith("FAIL")

@@ -1,6 +1,6 @@
 import torch
 
-import trl_flow.trainer as trainer_module
+import trl_flow.offload as offload_module
 from tests.test_trainer import make_trainer
 
 
@@ -109,7 +109,7 @@ def test_offloaded_encoders_and_vae_visit_the_device_only_while_used_and_change_
 ):
     # On this CPU-only machine the accelerator is "cpu": park offloaded modules on "cpu:0" (the same memory, another
     # name) so that moves in and out can be told apart.
-    monkeypatch.setattr(trainer_module, "_OFFLOAD_DEVICE", torch.device("cpu", 0))
+    monkeypatch.setattr(offload_module, "OFFLOAD_DEVICE", torch.device("cpu", 0))
     inputs = None
     results = {}
     for offload in (False, True):

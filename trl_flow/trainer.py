@@ -290,6 +290,8 @@ class FlowGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Replaces TRL's token-level GRPO loss with the algorithm's loss on the rollout record."""
+        if self.algorithm.num_terms(inputs) == 0:  # evaluation batches carry no trained steps
+            return torch.zeros((), device=self.accelerator.device)
         mode = "train" if self.model.training else "eval"
         loss, metrics = self.algorithm.loss(
             model, inputs, self._reference_denoiser, self.accelerator, self.current_gradient_accumulation_steps

@@ -104,16 +104,14 @@ class Algorithm(ABC):
         accelerator: Any,
         gradient_accumulation_steps: int,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The micro-batch's loss, the mean of its terms, divided for gradient accumulation (TRL's
-        ``loss_is_scaled_for_ga``), and its metrics.
+        """The micro-batch's loss (it has at least one term), the mean of its terms, divided for gradient
+        accumulation (TRL's ``loss_is_scaled_for_ga``), and its metrics.
 
         With ``args.train_micro_batch_size`` (and gradients on), each (term, sample slice) part is backpropagated as
         soon as it is computed, so only its activations are alive; the last part is returned for the Trainer's own
         backward pass. Parts are weighted by their share of the batch: gradients, loss and metrics equal those of the
         single pass."""
         num_terms = self.num_terms(batch)
-        if num_terms == 0:  # evaluation batches carry no trained steps
-            return torch.zeros((), device=batch["advantages"].device), {}
         batch_size = batch["advantages"].shape[0]
         scale = 1.0 / num_terms / gradient_accumulation_steps
         stats: LossStats = defaultdict(list)
