@@ -79,6 +79,7 @@ def make_args(**overrides):
         num_inference_steps=4,
         num_trained_steps=3,
         noise_level=0.7,
+        sde_type="flow_sde",
         guidance_scale=1.0,
         negative_prompt="",
         max_sequence_length=8,
