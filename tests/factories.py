@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import torch
 from peft import LoraConfig
 
+from reward_funcs.rules import prompt_color
 from trl_flow.config import FlowGRPOConfig
 from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
 from trl_flow.offline_models.sd3 import TINY_SD3_LORA_TARGETS
@@ -67,3 +68,20 @@ def sample_tiny_sd3(pipe):
         generator=torch.Generator().manual_seed(0),
         output_type="np",
     ).images
+
+
+def prompt_color_before_and_after_training(trainer, num_inference_steps: int) -> tuple[float, float, float]:
+    """Mean `prompt_color` of the trainer's prompts (8 images each, held-fixed seeds) before and after
+    `trainer.train()`, and the standard error of the first mean: the learning tests' measurement."""
+    prompts = [p for p in trainer.train_dataset["prompt"] for _ in range(8)]
+
+    def mean_and_standard_error() -> tuple[float, float]:
+        images = trainer.generate_images(prompts, num_inference_steps=num_inference_steps, noise_level=0.7, seed=1234)
+        rewards = torch.tensor(prompt_color(prompts, images))
+        return rewards.mean().item(), rewards.std().item() / len(rewards) ** 0.5
+
+    before, standard_error = mean_and_standard_error()
+    trainer.train()
+    after, _ = mean_and_standard_error()
+    print(f"prompt_color: {before:.4f} -> {after:.4f}, initial standard error {standard_error:.4f}")
+    return before, after, standard_error

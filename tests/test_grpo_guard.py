@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from reward_funcs.rules import prompt_color
-from tests.factories import tiny_trainer
+from tests.factories import prompt_color_before_and_after_training, tiny_trainer
 from trl_flow.algorithms import ALGORITHMS, GRPOGuard
 from trl_flow.algorithms.grpo_guard import normalized_log_ratio
 from trl_flow.cli import main
@@ -150,17 +149,7 @@ def test_learns_a_prompt_conditional_reward(tiny_sd3_path, tmp_path):
     """As Flow-GRPO's learning test (tests/test_trainer.py): `prompt_color` averages exactly 0 over the balanced
     prompts for any image, so the mean reward rises only if the policy follows the prompt."""
     trainer = tiny_trainer(tiny_sd3_path, tmp_path / "out", algorithm="grpo_guard", max_steps=200, learning_rate=1e-2)
-    prompts = [p for p in trainer.train_dataset["prompt"] for _ in range(8)]
-
-    def mean_and_standard_error():
-        images = trainer.generate_images(prompts, num_inference_steps=6, noise_level=0.7, seed=1234)
-        rewards = torch.tensor(prompt_color(prompts, images))
-        return rewards.mean().item(), rewards.std().item() / len(rewards) ** 0.5
-
-    before, standard_error = mean_and_standard_error()
-    trainer.train()
-    after, _ = mean_and_standard_error()
-    print(f"prompt_color: {before:.4f} -> {after:.4f}, initial standard error {standard_error:.4f}")
+    before, after, standard_error = prompt_color_before_and_after_training(trainer, 6)
     assert after - before > 4 * standard_error, (before, after, standard_error)
 
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-from reward_funcs.rules import prompt_color
-from tests.factories import tiny_trainer
+from tests.factories import prompt_color_before_and_after_training, tiny_trainer
 from trl_flow.models import FluxAdapter
 from trl_flow.models.packed import pack_latents, unpack_latents
 
@@ -133,17 +132,7 @@ def test_learns_a_prompt_conditional_reward(tiny_flux_path, tmp_path):
     of training; training seeds 1 and 2 rose by 11.6 and 36.7 SE (100 updates: only 2-4.5 SE).
     """
     trainer = make_trainer(tiny_flux_path, tmp_path, max_steps=200)
-    prompts = [p for p in trainer.train_dataset["prompt"] for _ in range(8)]
-
-    def mean_and_standard_error():
-        images = trainer.generate_images(prompts, num_inference_steps=6, noise_level=0.7, seed=1234)
-        rewards = torch.tensor(prompt_color(prompts, images))
-        return rewards.mean().item(), rewards.std().item() / len(rewards) ** 0.5
-
-    before, standard_error = mean_and_standard_error()
-    trainer.train()
-    after, _ = mean_and_standard_error()
-    print(f"prompt_color: {before:.4f} -> {after:.4f}, initial standard error {standard_error:.4f}")
+    before, after, standard_error = prompt_color_before_and_after_training(trainer, 6)
     assert after - before > 3 * standard_error, (before, after, standard_error)
 
 

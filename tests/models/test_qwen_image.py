@@ -5,8 +5,7 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 
-from reward_funcs.rules import prompt_color
-from tests.factories import tiny_trainer
+from tests.factories import prompt_color_before_and_after_training, tiny_trainer
 from trl_flow.models import QwenImageAdapter
 
 # Prompts of different token lengths: the shorter one's embeddings are padded and masked.
@@ -108,17 +107,7 @@ def test_learns_a_prompt_conditional_reward(tiny_qwen_image_path, tmp_path):
     CFG, -0.3 SE in 200 updates (32x32 with CFG and 4 steps: 6.4, 44.7 and 40.5 SE for seeds 0-2, ~35 s).
     """
     trainer = make_trainer(tiny_qwen_image_path, tmp_path, max_steps=150, height=16, width=16, num_inference_steps=4)
-    prompts = [p for p in trainer.train_dataset["prompt"] for _ in range(8)]
-
-    def mean_and_standard_error():
-        images = trainer.generate_images(prompts, num_inference_steps=4, noise_level=0.7, seed=1234)
-        rewards = torch.tensor(prompt_color(prompts, images))
-        return rewards.mean().item(), rewards.std().item() / len(rewards) ** 0.5
-
-    before, standard_error = mean_and_standard_error()
-    trainer.train()
-    after, _ = mean_and_standard_error()
-    print(f"prompt_color: {before:.4f} -> {after:.4f}, initial standard error {standard_error:.4f}")
+    before, after, standard_error = prompt_color_before_and_after_training(trainer, 4)
     assert after - before > 3 * standard_error, (before, after, standard_error)
 
 
