@@ -1,8 +1,10 @@
 import pytest
 from trl import GRPOConfig
 
-from trl_flow.config import LLM_ONLY_FIELDS, FlowGRPOConfig, check_trackers_installed
+from trl_flow.config import LLM_ONLY_FIELDS, FlowGRPOConfig
 from trl_flow.errors import UserInputError
+from trl_flow.global_batch import derive_batch_from_global_quantities
+from trl_flow.trackers import check_trackers_installed
 
 
 def test_is_a_grpo_config_with_paper_defaults():
@@ -55,7 +57,7 @@ def test_prompts_per_step_derives_the_per_process_batch(world_size, steps, accum
     config = FlowGRPOConfig.__new__(FlowGRPOConfig)
     config.__dict__.update(paper_batch(steps_per_generation=None, generation_batch_size=None,
                                        gradient_accumulation_steps=1))  # fmt: skip
-    config._derive_batch_from_global_quantities(world_size)
+    derive_batch_from_global_quantities(config, world_size)
     assert (config.steps_per_generation, config.gradient_accumulation_steps) == (steps, accumulation)
     # The official 32-GPU layout: 9 images x 4 micro-batches per GPU, 2 optimizer updates per rollout batch.
     assert 9 * world_size * steps == 48 * 24 and steps // accumulation == 2

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig
 
 from .errors import UserInputError
+from .global_batch import derive_batch_from_global_quantities, launched_world_size
 
 # GRPOConfig fields that only make sense for token sampling. A non-default value would silently do nothing for a
 # diffusion model, so it is refused. The value is the reason shown to the user.
@@ -45,57 +44,6 @@ LLM_ONLY_FIELDS: dict[str, str] = {
 
 
 logger = logging.getLogger(__name__)
-
-#: `report_to` trackers: the module transformers' callback imports, and how to install it.
-TRACKER_PACKAGES: dict[str, tuple[str, str]] = {
-    "tensorboard": ("tensorboard", "pip install 'trl-flow[tensorboard]'"),
-    "wandb": ("wandb", "pip install 'trl-flow[wandb]'"),
-    "trackio": ("trackio", "pip install trackio"),
-    "mlflow": ("mlflow", "pip install mlflow"),
-    "comet_ml": ("comet_ml", "pip install comet_ml"),
-    "clearml": ("clearml", "pip install clearml"),
-    "neptune": ("neptune", "pip install neptune"),
-    "dvclive": ("dvclive", "pip install dvclive"),
-    "swanlab": ("swanlab", "pip install swanlab"),
-}
-
-
-def check_trackers_installed(report_to: list[str] | str | None) -> None:
-    """Each tracker named in ``report_to`` is importable; else one error naming what to install.
-
-    transformers finds out only when it builds the callback, with a traceback, after the run has started. Checked
-    when a trainer is built (not when a config is parsed: a recipe names its trackers for the machine it runs on)."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    for name in names:
-        if name not in TRACKER_PACKAGES:
-            continue
-        module, install = TRACKER_PACKAGES[name]
-        if importlib.util.find_spec(module) is None:
-            raise UserInputError(
-                f"report_to: {name} needs the {module!r} package, which is not installed: {install}, or remove "
-                f"{name} from report_to"
-            )
-
-
-def launched_world_size() -> int:
-    """The number of processes of this run, as the launcher (torchrun, accelerate, DeepSpeed, MPI) announces it.
-
-    Read before TrainingArguments sets up the process group, so that TRL's batch checks in GRPOConfig.__post_init__
-    see per-process values derived for the right number of processes. An already initialised accelerate state wins.
-    """
-    from accelerate.state import PartialState
-
-    if PartialState._shared_state:
-        return PartialState().num_processes
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_SIZE"):
-        value = os.environ.get(name)
-        if value and value.isdigit() and int(value) >= 1:
-            return int(value)
-    return 1
-
-
-def _divisors(number: int) -> list[int]:
-    return [d for d in range(1, number + 1) if number % d == 0]
 
 
 def _has_accelerator() -> bool:
@@ -354,7 +302,7 @@ class FlowGRPOConfig(GRPOConfig):
         check_algorithm_args(self)
         self._warn_unused_save_keys()
         if self.prompts_per_step is not None or self.updates_per_generation is not None:
-            self._derive_batch_from_global_quantities(launched_world_size())
+            derive_batch_from_global_quantities(self, launched_world_size())
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on whenever it is unset, which transformers refuses on a machine without a GPU.
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -429,66 +377,6 @@ class FlowGRPOConfig(GRPOConfig):
                 "'steps' with eval_steps N (and eval_on_start true for a baseline before training), and give an "
                 "evaluation set (dataset_test_split)"
             )
-
-    def _derive_batch_from_global_quantities(self, world_size: int) -> None:
-        """steps_per_generation and gradient_accumulation_steps from prompts_per_step, num_generations,
-        updates_per_generation, per_device_train_batch_size and the number of processes (TRL's own batch checks run
-        afterwards, in GRPOConfig.__post_init__, on the derived values)."""
-        if self.prompts_per_step is None:
-            raise UserInputError("updates_per_generation needs prompts_per_step (the global rollout batch)")
-        if self.generation_batch_size is not None:
-            raise UserInputError(
-                "prompts_per_step and generation_batch_size both set the rollout batch: remove generation_batch_size "
-                "(prompts_per_step x num_generations images per rollout batch, over all processes)"
-            )
-        prompts, group, micro = self.prompts_per_step, self.num_generations, self.per_device_train_batch_size
-        updates = 1 if self.updates_per_generation is None else self.updates_per_generation
-        if prompts < 1 or group < 2 or micro < 1 or updates < 1:
-            raise UserInputError(
-                f"prompts_per_step ({prompts}), updates_per_generation ({updates}) and per_device_train_batch_size "
-                f"({micro}) must be >= 1, and num_generations ({group}) >= 2"
-            )
-        images = prompts * group
-        if images % (micro * world_size):
-            per_process = images // world_size if images % world_size == 0 else None
-            options = _divisors(per_process) if per_process else []
-            processes = [n for n in _divisors(images) if (images // n) % micro == 0 and n <= 1024]
-            raise UserInputError(
-                f"prompts_per_step {prompts} x num_generations {group} = {images} images per rollout batch do not "
-                f"split into micro-batches of per_device_train_batch_size {micro} on {world_size} process(es). "
-                + (
-                    f"With {world_size} process(es), per_device_train_batch_size can be one of {options}; "
-                    if options
-                    else f"{images} images cannot be split evenly over {world_size} processes; "
-                )
-                + (
-                    f"with per_device_train_batch_size {micro}, the number of processes can be one of {processes}."
-                    if processes
-                    else f"per_device_train_batch_size {micro} does not divide {images} for any number of processes."
-                )
-            )
-        steps = images // (micro * world_size)
-        if steps % updates:
-            raise UserInputError(
-                f"updates_per_generation {updates} does not divide the {steps} micro-batches per rollout batch "
-                f"(prompts_per_step {prompts} x num_generations {group} / (per_device_train_batch_size {micro} x "
-                f"{world_size} process(es))): use one of {_divisors(steps)}, or change per_device_train_batch_size"
-            )
-        # Values that equal the derived ones are accepted (e.g. a config rebuilt from its own to_dict()).
-        for name, derived, default in (
-            ("steps_per_generation", steps, None),
-            ("gradient_accumulation_steps", steps // updates, 1),
-        ):
-            given = getattr(self, name)
-            if given != default and given != derived:
-                raise UserInputError(
-                    f"{name} {given} contradicts prompts_per_step {prompts}, which gives {name} {derived} with "
-                    f"per_device_train_batch_size {micro}, updates_per_generation {updates} and {world_size} "
-                    f"process(es): remove {name} from the recipe (it is derived from the number of processes)"
-                )
-        self.steps_per_generation = steps
-        self.gradient_accumulation_steps = steps // updates
-        self._derived_for_world_size = world_size
 
     @property
     def num_trained_steps(self) -> int:

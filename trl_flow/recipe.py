@@ -164,11 +164,11 @@ def load_datasets(script_args, training_args):
 
 def build_trainer(script_args, training_args, model_args):
     """The FlowGRPOTrainer a recipe describes (rewards, datasets, pipeline, LoRA), shared by `grpo` and `doctor`."""
-    from .config import check_trackers_installed
     from .lifecycle import check_hub_access
     from .models import adapter_for_pipeline
     from .models.loading import load_pipeline
     from .rewards import resolve_reward_funcs
+    from .trackers import check_trackers_installed
     from .trainer import FlowGRPOTrainer
 
     # Everything the user typed is checked before the long model load and before any output is written.

@@ -31,7 +31,7 @@ from trl.trainer.utils import RepeatSampler
 from .algorithms import CONDITIONING_PREFIX, Algorithm, build_algorithm
 from .algorithms.advantages import group_relative_advantages, reward_metrics, weighted_rewards
 from .callbacks import EMACallback, EvalSample, EvalSamplesCallback, ParameterEMA, RewardCurveCallback
-from .config import FlowGRPOConfig, check_trackers_installed
+from .config import FlowGRPOConfig
 from .errors import UserInputError
 from .guard import RewardHackingGuard
 from .lifecycle import (
@@ -50,6 +50,7 @@ from .policy import DiffusionPolicy
 from .rewards import call_reward_func, resolve_reward_funcs, reward_func_label, validate_rewards
 from .rollout import RolloutSampler
 from .sde import SDEStepOutput
+from .trackers import check_trackers_installed
 
 
 def _validated_reward(func):
