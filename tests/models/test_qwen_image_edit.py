@@ -20,6 +20,7 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwen
 from PIL import Image
 
 from trl_flow.algorithms import FlowGRPO
+from trl_flow.errors import UserInputError
 from trl_flow.models import QwenImageEditAdapter, adapter_for_pipeline
 from trl_flow.models.loading import load_pipeline
 from trl_flow.offload import FrozenModules
@@ -229,3 +230,14 @@ def test_saved_lora_loads_into_the_plain_edit_pipeline(tiny_edit_path, small_pip
     theirs = adapter.reference_images(**edit, max_sequence_length=64, seed=7, condition_images=sources())
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(theirs, base, strict=True))
     assert_same_images(ours, theirs)
+
+
+def test_missing_or_mismatched_sources_are_user_errors(edit_pipe):
+    adapter = QwenImageEditAdapter(edit_pipe, condition_area=4 * AREA)  # 64x64 for a square, 96x32 for 2:1
+    with pytest.raises(UserInputError, match="source image"):
+        adapter.encode_conditioning(PROMPTS, NEGATIVE, 4.0, 64)
+    with pytest.raises(UserInputError, match="2 prompts but 1 source images"):
+        adapter.encode_conditioning(PROMPTS, NEGATIVE, 4.0, 64, condition_images=sources()[:1])
+    wide = Image.new("RGB", (2 * SIZE, SIZE))
+    with pytest.raises(UserInputError, match="different condition sizes"):
+        adapter.encode_conditioning(PROMPTS, NEGATIVE, 4.0, 64, condition_images=[sources()[0], wide])
