@@ -10,6 +10,7 @@ unchanged.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -114,6 +115,22 @@ def test_tiny_edit_tokenizer_drops_exactly_the_system_prompt(tiny_edit_path):
     assert type(adapter_for_pipeline(pipe)) is QwenImageEditAdapter
     prefix = pipe.prompt_template_encode.split("<|vision_start|>")[0]
     assert len(pipe.tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx == 64
+
+
+def test_the_processor_is_loaded_without_torchvision_only_for_a_qwen2vl_processor(tiny_edit_path, tmp_path):
+    from trl_flow.models.image_processors import qwen2vl_processor_without_torchvision
+
+    override = qwen2vl_processor_without_torchvision(str(tiny_edit_path))
+    if importlib.util.find_spec("torchvision") is not None:  # transformers builds the full processor itself
+        assert override == {}
+    else:
+        assert getattr(override["processor"], "video_processor", None) is None
+        assert override["processor"].image_processor.merge_size == 2
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "QwenImagePipeline", "tokenizer": ["transformers", "x"]}'
+    )
+    assert qwen2vl_processor_without_torchvision(str(tmp_path)) == {}
+    assert qwen2vl_processor_without_torchvision(str(tmp_path / "absent")) == {}
 
 
 @pytest.fixture(scope="module")

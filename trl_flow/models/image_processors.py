@@ -72,15 +72,22 @@ def qwen2vl_processor_without_torchvision(name_or_path: str) -> dict:
     own loading reports the problem)."""
     if importlib.util.find_spec("torchvision") is not None:
         return {}
+    local = pathlib.Path(name_or_path).is_dir()
     try:
+        if local:
+            index_file = pathlib.Path(name_or_path) / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index_file = pathlib.Path(hf_hub_download(name_or_path, "model_index.json"))
+        index = json.loads(index_file.read_text())
+        if list(index.get("processor") or []) != ["transformers", "Qwen2VLProcessor"]:
+            return {}
         folder = pathlib.Path(name_or_path)
-        if not folder.is_dir():
+        if not local:
             from huggingface_hub import snapshot_download
 
-            folder = pathlib.Path(snapshot_download(name_or_path, allow_patterns=["model_index.json", "processor/*"]))
-        index = json.loads((folder / "model_index.json").read_text())
+            folder = pathlib.Path(snapshot_download(name_or_path, allow_patterns=["processor/*"]))
     except Exception:  # unreadable here: from_pretrained will say why
-        return {}
-    if list(index.get("processor") or []) != ["transformers", "Qwen2VLProcessor"]:
         return {}
     return {"processor": _image_only_qwen2vl_processor_class().from_pretrained(folder / "processor")}
