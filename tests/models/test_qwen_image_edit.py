@@ -153,9 +153,12 @@ def test_noise_level_zero_rollout_reproduces_the_edit_pipeline(edit_pipe, small_
     assert not np.array_equal(np.asarray(other[0]), np.asarray(ours[0]))
 
 
-def test_noise_level_zero_rollout_reproduces_the_edit_plus_pipeline(edit_pipe, small_pipeline_areas):
+def test_noise_level_zero_rollout_reproduces_the_edit_plus_pipeline(edit_pipe, small_pipeline_areas, monkeypatch):
     """Edit-Plus ("Picture 1:" prompt, one prompt per pipeline call) through the same adapter, without CFG; each image
-    draws its noise from its own generator, as the one-prompt pipeline calls seeded ``seed + i``."""
+    draws its noise from its own generator, as the one-prompt pipeline calls seeded ``seed + i``. With the
+    transformer's ``zero_cond_t`` on (Edit-2511: condition tokens modulated at t=0, told apart by ``img_shapes``)."""
+    for module in [edit_pipe.transformer, *edit_pipe.transformer.transformer_blocks]:
+        monkeypatch.setattr(module, "zero_cond_t", True)
     plus = QwenImageEditPlusPipeline(**edit_pipe.components)
     toy = make_sampler(plus, guidance_scale=1.0)
     assert toy.adapter.plus and type(adapter_for_pipeline(plus)) is QwenImageEditAdapter
