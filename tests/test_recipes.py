@@ -52,3 +52,28 @@ def test_tiny_recipe_trains_the_tiny_lora_targets():
 
     _, _, model = parse_grpo_args(["--recipe", "recipes/tiny.yaml"])
     assert model.lora_target_modules == list(TINY_SD3_LORA_TARGETS)
+
+
+def test_qwen_image_edit_counting_recipe_parses_in_global_quantities():
+    # flow_grpo's counting_qwenimage_edit: 32 prompts x 16 edits, 2 updates; on 1 process 128 micro-batches of 4.
+    script, config, model = parse_grpo_args(["--recipe", "recipes/counting_qwenimage_edit.yaml", "--bf16", "false"])
+    assert model.model_name_or_path == "Qwen/Qwen-Image-Edit"
+    assert (script.reward_funcs, config.reward_weights) == (["image_similarity", "geneval"], [0.2, 0.8])
+    assert (config.num_inference_steps, config.guidance_scale, config.noise_level) == (10, 4.0, 1.0)
+    assert (config.num_generations, config.prompts_per_step, config.beta) == (16, 32, 0.0)
+    assert (config.steps_per_generation, config.gradient_accumulation_steps) == (128, 64)
+    assert effective_quantities(config, 1)["images per optimizer update"] == 256
+
+
+def test_qwen_image_edit_counting_recipe_fails_clearly_offline(tmp_path, capsys):
+    # geneval alone: image_similarity is registered by the editing rewards (another branch of issue 21).
+    output_dir = tmp_path / "out"
+    code = main(
+        ["grpo", "--recipe", "recipes/counting_qwenimage_edit.yaml", "--bf16", "false", "--reward_funcs", "geneval",
+         "--reward_weights", "1.0", "--dataset_name", "trl-flow/tiny-prompts", "--report_to", "none",
+         "--output_dir", str(output_dir)]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "could not load the diffusers pipeline 'Qwen/Qwen-Image-Edit'" in err
+    assert not output_dir.exists()

@@ -10,6 +10,7 @@ use_pil_image_processors_without_torchvision()  # before the adapters import dif
 from .base import Conditioning, DenoiserCall, FlowModelAdapter  # noqa: E402
 from .flux import FluxAdapter  # noqa: E402
 from .qwen_image import QwenImageAdapter  # noqa: E402
+from .qwen_image_edit import QwenImageEditAdapter  # noqa: E402
 from .sd3 import SD3Adapter  # noqa: E402
 
 #: Adapters by family name: the ``model_family`` a recipe (or ``FlowGRPOTrainer(model_family=...)``) may force.
@@ -17,6 +18,7 @@ ADAPTERS: dict[str, type[FlowModelAdapter]] = {
     "sd3": SD3Adapter,
     "flux": FluxAdapter,
     "qwen_image": QwenImageAdapter,
+    "qwen_image_edit": QwenImageEditAdapter,
 }
 
 
@@ -52,6 +54,7 @@ __all__ = [
     "FlowModelAdapter",
     "FluxAdapter",
     "QwenImageAdapter",
+    "QwenImageEditAdapter",
     "SD3Adapter",
     "adapter_for_pipeline",
 ]

@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..errors import UserInputError
+from .image_processors import qwen2vl_processor_without_torchvision
 
 
 @contextlib.contextmanager
@@ -38,6 +39,8 @@ def load_pipeline(name_or_path: str, dtype: str | torch.dtype | None = None, **k
         dtype = getattr(torch, dtype)
     try:
         with without_zero3_init():
+            # Qwen-Image-Edit's processor needs torchvision to load unless it is built here without its video part.
+            kwargs = {**qwen2vl_processor_without_torchvision(name_or_path), **kwargs}
             return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype or torch.float32, **kwargs)
     except Exception as error:  # diffusers raises many types (OSError, ValueError, HF hub errors)
         raise UserInputError(

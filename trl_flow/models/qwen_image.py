@@ -111,10 +111,10 @@ class QwenImageAdapter(PackedLatentsAdapter):
         conditioning: Conditioning,
         guidance_scale: float,
     ) -> torch.Tensor:
-        batch_size, _, latent_height, latent_width = latents.shape
-        hidden_states = pack_latents(latents.to(self.dtype))
+        _, _, latent_height, latent_width = latents.shape
+        target_tokens = (latent_height // 2) * (latent_width // 2)
+        hidden_states, img_shapes = self._image_tokens(latents, conditioning)
         timestep = self._timestep(sigma, hidden_states)
-        img_shapes = [[(1, latent_height // 2, latent_width // 2)]] * batch_size
 
         def run(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             embeds, mask = _trim(embeds, mask)
@@ -125,7 +125,7 @@ class QwenImageAdapter(PackedLatentsAdapter):
                 encoder_hidden_states_mask=mask,
                 encoder_hidden_states=embeds,
                 img_shapes=img_shapes,
-            )
+            )[:, :target_tokens]  # the target's tokens come first (edit families append condition tokens)
 
         prediction = run(conditioning["prompt_embeds"], conditioning["prompt_embeds_mask"])
         if guidance_scale > 1:
@@ -136,6 +136,12 @@ class QwenImageAdapter(PackedLatentsAdapter):
             combined_norm = torch.norm(combined, dim=-1, keepdim=True)
             prediction = combined * (conditional_norm / combined_norm)
         return unpack_latents(prediction, latent_height, latent_width)
+
+    def _image_tokens(self, latents: torch.Tensor, conditioning: Conditioning) -> tuple[torch.Tensor, list]:
+        """The transformer's image stream for spatial ``latents`` and its ``img_shapes`` (one ``(frames, rows,
+        columns)`` per image per sample): here the packed target alone."""
+        batch_size, _, latent_height, latent_width = latents.shape
+        return pack_latents(latents.to(self.dtype)), [[(1, latent_height // 2, latent_width // 2)]] * batch_size
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:

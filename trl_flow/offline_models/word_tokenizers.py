@@ -152,14 +152,37 @@ def build_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_qwen_tokenizer():
-    """A byte-level BPE :class:`~transformers.Qwen2Tokenizer` over the word list and the template words."""
+def _qwen_pieces(texts: Sequence[str]) -> list[str]:
+    """The byte-level pre-tokens (Qwen2's split: words with their leading space, punctuation runs, contractions,
+    newlines) of ``texts``, special tokens taken out: what must be single tokens for each pre-token of these texts to
+    be one token, as with the real Qwen2.5 vocabulary."""
+    import re
+
+    from transformers import Qwen2Tokenizer
+
+    # Any Qwen2Tokenizer has Qwen2's pre-tokenizer, whatever its vocabulary.
+    splitter = Qwen2Tokenizer(vocab={"a": 0}, merges=[]).backend_tokenizer.pre_tokenizer
+    special = "|".join(re.escape(token) for token in QWEN_SPECIAL_TOKENS)
+    pieces: set[str] = set()
+    for text in texts:
+        for part in re.split(special, text):
+            pieces.update(piece for piece, _ in splitter.pre_tokenize_str(part) if len(piece) > 1)
+    return sorted(pieces)
+
+
+def build_qwen_tokenizer(extra_texts: Sequence[str] = ()):
+    """A byte-level BPE :class:`~transformers.Qwen2Tokenizer` over the word list and the template words.
+
+    ``extra_texts`` (a prompt template, say): each of their pre-tokens becomes one token too. Without them the
+    vocabulary is the text-to-image one, unchanged.
+    """
     from tokenizers import pre_tokenizers
     from transformers import Qwen2Tokenizer
 
     words = sorted(set(vocab_words()) | set(_QWEN_TEMPLATE_WORDS.split()))
     # Byte-level symbols: ASCII letters map to themselves, a leading space to "Ġ".
     forms = words + ["\u0120" + w for w in words]
+    forms += [piece for piece in _qwen_pieces(extra_texts) if piece not in set(forms)]
     merges = greedy_bpe_merges(forms)
     tokens = _with_merged_symbols(sorted(pre_tokenizers.ByteLevel.alphabet()), merges)
     vocab = {token: i for i, token in enumerate(tokens)}
