@@ -51,13 +51,18 @@ from .rewards import call_reward_func, resolve_reward_funcs, reward_func_label, 
 from .rollout import RolloutSampler
 from .sde import SDEStepOutput
 from .trackers import check_trackers_installed
+from .video import reward_fps
 
 
-def _validated_reward(func):
-    """Wrap a reward function so that a crash, a wrong count or a NaN is a clear error, never a silent 0."""
+def _validated_reward(func, adapter=None):
+    """Wrap a reward function so that a crash, a wrong count or a NaN is a clear error, never a silent 0; for a
+    video family, the call also gets the frame rate as ``fps`` (`trl_flow.video.reward_fps`)."""
 
     @functools.wraps(func)
     def reward(prompts, completions, **kwargs):
+        fps = reward_fps(adapter, completions)
+        if fps is not None:
+            kwargs.setdefault("fps", fps)
         values = call_reward_func(func, prompts, completions, **kwargs)
         return validate_rewards(reward_func_label(func), values, len(completions))
 
@@ -112,7 +117,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         # Full fine-tuning trains every denoiser weight; with PEFT, get_peft_model freezes the base itself.
         policy.requires_grad_(peft_config is None)
 
-        reward_funcs = [_validated_reward(f) for f in resolve_reward_funcs(reward_funcs)]
+        reward_funcs = [_validated_reward(f, self.adapter) for f in resolve_reward_funcs(reward_funcs)]
 
         # GRPOTrainer rebuilds a full-fine-tuning reference from config._name_or_path, which is no LM here: keep a
         # frozen copy of the denoiser ourselves and let the parent believe beta is 0 while it sets up.
