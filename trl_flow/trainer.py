@@ -23,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from accelerate.utils import gather, gather_object
 from diffusers import DiffusionPipeline
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from peft import PeftConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler
@@ -395,6 +397,13 @@ class FlowGRPOTrainer(GRPOTrainer):
             lora = {name[len(prefix) :]: value for name, value in lora.items() if name.startswith(prefix)}
             config = unwrapped.peft_config["default"].to_dict()
             self.adapter.save_lora_weights(output_dir, lora, config)
+        elif state_dict is not None:
+            # A state dict gathered for saving (FSDP's full state dict: the module's own weights are shards).
+            prefix = "denoiser."
+            weights = {name[len(prefix) :]: v.contiguous() for name, v in state_dict.items() if name.startswith(prefix)}
+            folder = os.path.join(output_dir, "transformer")
+            unwrapped.denoiser.save_config(folder)
+            save_file(weights, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         else:
             unwrapped.denoiser.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)
 
