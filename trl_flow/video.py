@@ -24,6 +24,8 @@ __all__ = [
     "frames_of",
     "is_video",
     "reward_fps",
+    "video_data_url",
+    "write_mp4_file",
     "write_video",
 ]
 
@@ -140,3 +142,33 @@ def _write_mp4(images: list[Image.Image], path: Path, fps: float) -> None:
             writer.append_data(np.asarray(image))
     finally:
         writer.close()
+
+
+def write_mp4_file(frames: Sequence[Any], path: str | os.PathLike[str], fps: float) -> Path:
+    """Write ``frames`` as an mp4 at ``path`` (suffix ``.mp4``), for consumers that need that format.
+
+    Raises:
+        UserInputError: ffmpeg is unavailable (``pip install 'trl-flow[video]'``).
+    """
+    from .errors import UserInputError
+
+    if not _ffmpeg_available():
+        raise UserInputError(
+            "sending videos as mp4 needs imageio and the ffmpeg binary of imageio-ffmpeg: "
+            "pip install 'trl-flow[video]' (or send frame strips instead)"
+        )
+    written = write_video(frames, path, fps, prefer="mp4")
+    if written.suffix != ".mp4":  # ffmpeg failed on these frames: write_video fell back to GIF
+        written.unlink(missing_ok=True)
+        raise RuntimeError(f"ffmpeg could not encode {Path(path).with_suffix('.mp4')}")
+    return written
+
+
+def video_data_url(frames: Sequence[Any], fps: float) -> str:
+    """A video as ``data:video/mp4;base64,...`` (the form OpenAI-compatible servers take in a ``video_url``)."""
+    import base64
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trl-flow-video-") as folder:
+        path = write_mp4_file(frames, Path(folder) / "video.mp4", fps)
+        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
