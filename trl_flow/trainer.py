@@ -397,7 +397,7 @@ class FlowGRPOTrainer(GRPOTrainer):
             lora = {name[len(prefix) :]: value for name, value in lora.items() if name.startswith(prefix)}
             config = unwrapped.peft_config["default"].to_dict()
             self.adapter.save_lora_weights(output_dir, lora, config)
-        elif state_dict is not None:
+        elif state_dict:  # an empty one (DeepSpeed without gathered weights) saves as before
             # A state dict gathered for saving (FSDP's full state dict: the module's own weights are shards).
             prefix = "denoiser."
             weights = {name[len(prefix) :]: v.contiguous() for name, v in state_dict.items() if name.startswith(prefix)}
