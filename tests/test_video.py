@@ -86,8 +86,8 @@ class _FakeWandb:
     def Image(self, image, caption=None):  # noqa: N802 - wandb's spelling
         return ("image", image.size, caption)
 
-    def Video(self, path, caption=None, format=None):  # noqa: N802, A002 - wandb's spelling
-        return ("video", path, caption, format)
+    def Video(self, path, caption=None):  # noqa: N802 - wandb's spelling
+        return ("video", path, caption)
 
     def log(self, data, **kwargs):
         self.logged.append(data)
@@ -114,7 +114,7 @@ def test_video_samples_are_written_as_strips_and_videos_and_logged(tmp_path, mon
     (logged,) = wandb.logged
     assert [item[0] for item in logged["eval/samples"]] == ["image", "image"]
     assert logged["eval/videos"] == [
-        ("video", str(grid.parent / listing[i]["video"]), samples[i].caption(), "gif") for i in range(2)
+        ("video", str(grid.parent / listing[i]["video"]), samples[i].caption()) for i in range(2)
     ]
 
 

@@ -179,7 +179,7 @@ def log_samples_to_trackers(
             }
             if videos:
                 entry["eval/videos"] = [
-                    wandb.Video(str(path), caption=text, format=path.suffix.lstrip("."))
+                    wandb.Video(str(path), caption=text)  # from the file: wandb reads its format from the suffix
                     for path, text in zip(videos, captions, strict=True)
                 ]
             wandb.log({**entry, "train/global_step": step})
