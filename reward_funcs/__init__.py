@@ -5,9 +5,11 @@ is asked for, so importing this package stays cheap. Each function's `__name__` 
 name, which TRL uses when logging `rewards/<name>/mean`.
 
 The model-based rewards (`pickscore`, `clipscore`, `aesthetic`, `imagereward`, `hps`, `ocr`, `geneval`,
-`vlm_judge`) are callable objects, not functions: importing their module loads no model; the first call does,
-once per process (cached per model id, device and dtype). Each module also has a `make_<name>(...)` factory for
-other settings (model path, device, dtype, batch size, ...).
+`vlm_judge`, `temporal_consistency`) are callable objects, not functions: importing their module loads no model;
+the first call does, once per process (cached per model id, device and dtype). Each module also has a
+`make_<name>(...)` factory for other settings (model path, device, dtype, batch size, ...).
+
+Any image reward scores videos through `reward_funcs.frames.FramePooled` (`pickscore@frames` in a recipe).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ BUILTIN_REWARDS: dict[str, str] = {
     "mini_geneval": "reward_funcs.mini_geneval:mini_geneval",
     "mid_grey": "reward_funcs.rules:mid_grey",
     "prompt_color": "reward_funcs.rules:prompt_color",
+    # video (lists of frames): frame change in numpy; CLIP similarity of consecutive frames
+    "motion": "reward_funcs.video:motion",
+    "temporal_consistency": "reward_funcs.video:temporal_consistency",
     # model-based: each module's object loads its model on first call (see docs/rewards.md)
     "aesthetic": "reward_funcs.aesthetic:aesthetic",
     "clipscore": "reward_funcs.clipscore:clipscore",

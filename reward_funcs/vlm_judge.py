@@ -16,6 +16,11 @@ endpoint and the last error (so training stops instead of learning from made-up 
 Dataset columns: none required; the template may use any column by name (`{prompt}` is the prompt), e.g.
 `"Does this image show {count} {object}? ..."`. Literal braces are written `{{` and `}}`.
 
+Videos (a completion that is a list of frames): `video="strip"` (default) sends one image, a strip of up to
+`video_frames` evenly spaced frames side by side (first and last included); `video="mp4"` sends the video itself as
+an OpenAI-style `video_url` content part holding a `data:video/mp4;base64,...` URL (needs the `video` extra; vLLM
+accepts it for video-capable models such as Qwen2.5-VL). The template may use `{fps}`.
+
 Configuration of the registry name `vlm_judge`: `TRL_FLOW_VLM_BASE_URL` (default `http://127.0.0.1:8000/v1`),
 `TRL_FLOW_VLM_MODEL` (required) and the API key in `OPENAI_API_KEY` (optional; sent as a bearer token), read on
 each call. For other settings create one with [`make_vlm_judge`] in a file of yours.
@@ -33,6 +38,7 @@ from typing import Any
 from reward_funcs._common import check_lengths
 from reward_funcs._http import RemoteRewardError, encode_image, post_json
 from trl_flow.errors import UserInputError
+from trl_flow.video import DEFAULT_FPS, frame_strip, is_video, video_data_url
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -101,6 +107,8 @@ class VlmJudge:
         max_tokens: reply length limit sent to the endpoint.
         image_format: "PNG" (lossless) or "JPEG" (smaller).
         extra_body: more fields merged into each request (e.g. vLLM sampling options).
+        video: how a video completion is sent: "strip" (one image of `video_frames` frames) or "mp4".
+        video_frames: frames in a strip.
         name: the reward's `__name__` (TRL logs `rewards/<name>/mean`).
     """
 
@@ -123,8 +131,15 @@ class VlmJudge:
         max_tokens: int = 16,
         image_format: str = "PNG",
         extra_body: dict[str, Any] | None = None,
+        video: str = "strip",
+        video_frames: int = 8,
         name: str = "vlm_judge",
     ) -> None:
+        if video not in ("strip", "mp4"):
+            raise UserInputError(f"reward '{name}': video must be 'strip' or 'mp4', got {video!r}.")
+        if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
+            raise UserInputError(f"reward '{name}': video_frames must be a positive integer, got {video_frames!r}.")
+        self.video, self.video_frames = video, video_frames
         if max_score <= 0:
             raise UserInputError(f"reward '{name}': max_score must be positive, got {max_score}.")
         if max_retries < 0 or max_concurrency < 1 or timeout <= 0:
@@ -195,6 +210,8 @@ class VlmJudge:
                     values["prompt"] = prompt
                 elif key in kwargs and isinstance(kwargs[key], Sequence) and not isinstance(kwargs[key], str):
                     values[key] = kwargs[key][i]
+                elif key in kwargs and isinstance(kwargs[key], (int, float, str)):  # one value for all, e.g. fps
+                    values[key] = kwargs[key]
                 else:
                     raise UserInputError(
                         f"reward '{self.__name__}': the prompt template uses {{{key}}}, but the dataset has no "
@@ -203,21 +220,22 @@ class VlmJudge:
             texts.append(self.prompt_template.format(**values))
         return texts
 
-    def _ask(self, url: str, model: str, headers: dict[str, str], text: str, image: Any) -> float:
+    def _media(self, completion: Any, fps: float | None) -> dict[str, Any]:
+        """The content part showing one completion: an image, a video's frame strip, or a video's mp4."""
+        if is_video(completion) and self.video == "mp4":
+            return {"type": "video_url", "video_url": {"url": video_data_url(completion, fps or DEFAULT_FPS)}}
+        if is_video(completion):
+            completion = frame_strip(completion, max_frames=self.video_frames, min_height=1)
         data_url = f"data:image/{'jpeg' if self.image_format.upper() in ('JPEG', 'JPG') else 'png'};base64,"
-        data_url += encode_image(image, self.image_format)
+        return {"type": "image_url", "image_url": {"url": data_url + encode_image(completion, self.image_format)}}
+
+    def _ask(
+        self, url: str, model: str, headers: dict[str, str], text: str, image: Any, fps: float | None = None
+    ) -> float:
         messages: list[dict[str, Any]] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
-        messages.append(
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": data_url}},
-                    {"type": "text", "text": text},
-                ],
-            }
-        )
+        messages.append({"role": "user", "content": [self._media(image, fps), {"type": "text", "text": text}]})
         payload = {
             "model": model,
             "messages": messages,
@@ -258,11 +276,12 @@ class VlmJudge:
         url, model = self.endpoint(), self.model_name()
         key = self.api_key if self.api_key is not None else os.environ.get(self.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        fps = kwargs.get("fps")
         if len(completions) == 1 or self.max_concurrency == 1:
-            return [self._ask(url, model, headers, t, image) for t, image in zip(texts, completions, strict=True)]
+            return [self._ask(url, model, headers, t, image, fps) for t, image in zip(texts, completions, strict=True)]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(completions))) as pool:
             futures = [
-                pool.submit(self._ask, url, model, headers, t, image)
+                pool.submit(self._ask, url, model, headers, t, image, fps)
                 for t, image in zip(texts, completions, strict=True)
             ]
             return [future.result() for future in futures]
@@ -286,6 +305,8 @@ def make_vlm_judge(
     max_tokens: int = 16,
     image_format: str = "PNG",
     extra_body: dict[str, Any] | None = None,
+    video: str = "strip",
+    video_frames: int = 8,
     name: str = "vlm_judge",
 ) -> VlmJudge:
     """Create a VLM-judge reward; nothing is contacted until its first call. Arguments: see [`VlmJudge`]."""
@@ -307,6 +328,8 @@ def make_vlm_judge(
         max_tokens=max_tokens,
         image_format=image_format,
         extra_body=extra_body,
+        video=video,
+        video_frames=video_frames,
         name=name,
     )
 

@@ -26,6 +26,8 @@ OPTIONAL_IMPORTS = {
     "deepspeed": "deepspeed",
     "tensorboard": "tensorboard",
     "wandb": "wandb",
+    "imageio": "video",
+    "imageio_ffmpeg": "video",
 }
 #: Import names whose distribution is not installed here (optional extras), so metadata cannot map them.
 KNOWN_DISTRIBUTIONS = {"rapidocr_onnxruntime": "rapidocr-onnxruntime", "PIL": "pillow", "yaml": "pyyaml"}

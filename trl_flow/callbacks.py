@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .reporting import save_reward_curve, save_sample_grid
+from .video import frame_strip, is_video, reward_fps, write_video
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +124,11 @@ class EMACallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------- evaluation samples
 @dataclass
 class EvalSample:
-    """One evaluation rollout: its prompt, image, reward per function and weighted total (NaN: not scored)."""
+    """One evaluation rollout: its prompt, image (a video family: the list of its frames), reward per function and
+    weighted total (NaN: not scored)."""
 
     prompt: str
-    image: Image.Image
+    image: Image.Image | list[Image.Image]
     reward: float
     rewards: dict[str, float] = field(default_factory=dict)
 
@@ -154,25 +156,38 @@ def log_samples_to_trackers(
     step: int,
     report_to: Iterable[str],
     tensorboard_writer: Any | None = None,
+    videos: list[Path] | None = None,
+    fps: float | None = None,
 ) -> list[str]:
     """Log evaluation samples to every image-capable tracker of ``report_to`` that is active; return their names.
 
     wandb and trackio get one captioned image per sample under ``eval/samples`` (with ``train/global_step``, as the
-    transformers callbacks log it); TensorBoard gets the grid as an image and the captions as a text table.
+    transformers callbacks log it); TensorBoard gets the grid as an image and the captions as a text table. Video
+    samples are shown as frame strips there, and their files (``videos``, one per sample, written at ``fps``) are
+    logged as well: ``wandb.Video`` from the file under ``eval/videos``, and TensorBoard's ``add_video`` (which needs
+    moviepy; without it TensorBoard keeps the strips only).
     """
     report_to = set(report_to or ())
     captions = [sample.caption() for sample in samples]
+    pictures = [frame_strip(s.image) if is_video(s.image) else s.image for s in samples]
     logged = []
     if "wandb" in report_to:
         wandb = _optional_module("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
-            images = [wandb.Image(sample.image, caption=text) for sample, text in zip(samples, captions, strict=True)]
-            wandb.log({"eval/samples": images, "train/global_step": step})
+            entry: dict[str, Any] = {
+                "eval/samples": [wandb.Image(p, caption=text) for p, text in zip(pictures, captions, strict=True)]
+            }
+            if videos:
+                entry["eval/videos"] = [
+                    wandb.Video(str(path), caption=text)  # from the file: wandb reads its format from the suffix
+                    for path, text in zip(videos, captions, strict=True)
+                ]
+            wandb.log({**entry, "train/global_step": step})
             logged.append("wandb")
     if "trackio" in report_to:
         trackio = _optional_module("trackio")
         if trackio is not None and hasattr(trackio, "Image"):
-            images = [trackio.Image(sample.image, caption=text) for sample, text in zip(samples, captions, strict=True)]
+            images = [trackio.Image(p, caption=text) for p, text in zip(pictures, captions, strict=True)]
             trackio.log({"eval/samples": images, "train/global_step": step})
             logged.append("trackio")
     if "tensorboard" in report_to and tensorboard_writer is not None:
@@ -181,6 +196,12 @@ def log_samples_to_trackers(
         tensorboard_writer.add_image("eval/samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
         rows = "\n".join(f"| {i} | {text.replace('|', '/')} |" for i, text in enumerate(captions))
         tensorboard_writer.add_text("eval/samples", f"| tile | prompt / reward |\n|---|---|\n{rows}", step)
+        # torch's make_video prints a warning and logs nothing without moviepy: add_video only where it works.
+        if videos and _optional_module("moviepy") is not None:
+            for index, sample in enumerate(samples):
+                frames = np.stack([np.asarray(frame.convert("RGB")) for frame in sample.image])  # (T, H, W, C)
+                clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None]  # (1, T, C, H, W) uint8
+                tensorboard_writer.add_video(f"eval/videos/{index}", clip, step, fps=int(round(fps or 1)))
         logged.append("tensorboard")
     return logged
 
@@ -195,7 +216,10 @@ class SampleSource(Protocol):
 
 class EvalSamplesCallback(TrainerCallback):
     """At each evaluation: a grid of the trainer's evaluation samples in ``output_dir/samples/eval_step_NNNNNN.png``
-    (captions, row by row, in the ``.json`` beside it), and the samples logged to the trackers (main process only)."""
+    (captions, row by row, in the ``.json`` beside it), and the samples logged to the trackers (main process only).
+
+    Video samples (lists of frames): the PNG holds one frame strip per sample, and each video is written to
+    ``samples/eval_step_NNNNNN/sample_II.mp4`` (GIF where ffmpeg is unavailable) at the adapter's ``fps``."""
 
     def __init__(self, trainer: SampleSource) -> None:
         self.trainer = trainer
@@ -219,13 +243,23 @@ class EvalSamplesCallback(TrainerCallback):
         if not samples or not state.is_world_process_zero:
             return
         path = Path(args.output_dir) / SAMPLES_DIR / f"eval_step_{state.global_step:06d}.png"
-        save_sample_grid([sample.image for sample in samples], path)
         captions = [{"prompt": s.prompt, "reward": _json_float(s.reward), "rewards": s.rewards} for s in samples]
+        videos, fps = None, None
+        if all(is_video(sample.image) for sample in samples):
+            # A video family: the PNG holds one frame strip per sample (a row each); the videos go beside it.
+            save_sample_grid([frame_strip(sample.image) for sample in samples], path, columns=1)
+            fps = reward_fps(getattr(self.trainer, "adapter", None), [sample.image for sample in samples])
+            folder = path.with_suffix("")
+            videos = [write_video(s.image, folder / f"sample_{i:02d}", fps) for i, s in enumerate(samples)]
+            for caption, video in zip(captions, videos, strict=True):
+                caption["video"] = video.relative_to(path.parent).as_posix()
+        else:
+            save_sample_grid([sample.image for sample in samples], path)
         path.with_suffix(".json").write_text(json.dumps({"step": state.global_step, "samples": captions}, indent=1))
         report_to = list(args.report_to or ())
         writer = self._tensorboard_writer(args) if "tensorboard" in report_to else None
         with Image.open(path) as grid:
-            log_samples_to_trackers(samples, grid, state.global_step, report_to, writer)
+            log_samples_to_trackers(samples, grid, state.global_step, report_to, writer, videos=videos, fps=fps)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -23,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from accelerate.utils import gather, gather_object
 from diffusers import DiffusionPipeline
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from peft import PeftConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler
@@ -51,13 +53,18 @@ from .rewards import call_reward_func, resolve_reward_funcs, reward_func_label, 
 from .rollout import RolloutSampler
 from .sde import SDEStepOutput
 from .trackers import check_trackers_installed
+from .video import reward_fps
 
 
-def _validated_reward(func):
-    """Wrap a reward function so that a crash, a wrong count or a NaN is a clear error, never a silent 0."""
+def _validated_reward(func, adapter=None):
+    """Wrap a reward function so that a crash, a wrong count or a NaN is a clear error, never a silent 0; for a
+    video family, the call also gets the frame rate as ``fps`` (`trl_flow.video.reward_fps`)."""
 
     @functools.wraps(func)
     def reward(prompts, completions, **kwargs):
+        fps = reward_fps(adapter, completions)
+        if fps is not None:
+            kwargs.setdefault("fps", fps)
         values = call_reward_func(func, prompts, completions, **kwargs)
         return validate_rewards(reward_func_label(func), values, len(completions))
 
@@ -112,7 +119,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         # Full fine-tuning trains every denoiser weight; with PEFT, get_peft_model freezes the base itself.
         policy.requires_grad_(peft_config is None)
 
-        reward_funcs = [_validated_reward(f) for f in resolve_reward_funcs(reward_funcs)]
+        reward_funcs = [_validated_reward(f, self.adapter) for f in resolve_reward_funcs(reward_funcs)]
 
         # GRPOTrainer rebuilds a full-fine-tuning reference from config._name_or_path, which is no LM here: keep a
         # frozen copy of the denoiser ourselves and let the parent believe beta is 0 while it sets up.
@@ -390,6 +397,13 @@ class FlowGRPOTrainer(GRPOTrainer):
             lora = {name[len(prefix) :]: value for name, value in lora.items() if name.startswith(prefix)}
             config = unwrapped.peft_config["default"].to_dict()
             self.adapter.save_lora_weights(output_dir, lora, config)
+        elif state_dict:  # an empty one (DeepSpeed without gathered weights) saves as before
+            # A state dict gathered for saving (FSDP's full state dict: the module's own weights are shards).
+            prefix = "denoiser."
+            weights = {name[len(prefix) :]: v.contiguous() for name, v in state_dict.items() if name.startswith(prefix)}
+            folder = os.path.join(output_dir, "transformer")
+            unwrapped.denoiser.save_config(folder)
+            save_file(weights, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         else:
             unwrapped.denoiser.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)
 

@@ -372,3 +372,32 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path: Path) -
             process.wait()
         process.stdout.close()
         process.stderr.close()
+
+
+USER_VIDEO_REWARDS = """
+from PIL import Image
+
+
+def reads_videos(prompts, completions, fps, video_path=None, **kwargs):
+    # what the server's reward got: strip widths, the fps column and, with mp4_path, files it can open
+    import imageio.v2 as imageio
+
+    frames = [len(imageio.mimread(path, format="FFMPEG")) if video_path else 0 for path in (video_path or prompts)]
+    return [strip.size[0] + f + n * 1000 for strip, f, n in zip(completions, fps, frames)]
+"""
+
+
+def test_videos_reach_a_served_reward_as_strips_fps_and_mp4_paths(tmp_path: Path) -> None:
+    pytest.importorskip("imageio_ffmpeg")
+    path = tmp_path / "video_rewards.py"
+    path.write_text(USER_VIDEO_REWARDS)
+    videos = [[Image.new("RGB", (16, 16), (i * 20, 0, 0)) for i in range(n)] for n in (3, 12)]
+    with serve_reward(f"{path}:reads_videos") as server:
+        strips = remote_reward(server.url)(["a", "b"], videos, fps=8.0)
+        assert strips == [3 * 16 + 8.0, 8 * 16 + 8.0]  # strips of at most 8 frames; fps per video
+        folder = tmp_path / "shared"
+        with_files = remote_reward(server.url, video="mp4_path", video_dir=folder)(["a", "b"], videos, fps=8.0)
+        assert with_files == [3 * 16 + 8.0 + 3000, 8 * 16 + 8.0 + 12000]  # the server read every frame back
+        assert len(list(folder.glob("*.mp4"))) == 2
+    with pytest.raises(UserInputError, match="needs video_dir"):
+        remote_reward(server.url, video="mp4_path")

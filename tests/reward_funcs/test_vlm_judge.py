@@ -188,3 +188,38 @@ def test_parse_score(reply: str, pattern: str | None, expected: float) -> None:
 def test_parse_score_rejects(reply: str) -> None:
     with pytest.raises(ValueError):
         parse_score(reply, 10.0)
+
+
+# ------------------------------------------------------------------------------------------------------------ videos
+def test_videos_go_to_the_judge_as_a_frame_strip_or_an_mp4(serve, tmp_path) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def judge_media(request: dict[str, Any]) -> tuple[int, Any]:
+        (media, text) = request["messages"][-1]["content"]
+        header, _, data = media[media["type"]]["url"].partition(",")
+        seen.append({"type": media["type"], "header": header, "bytes": base64.b64decode(data), "text": text["text"]})
+        return 200, chat_answer("7")
+
+    server = serve(judge_media)
+    video = [grey(level) for level in (0, 40, 80, 120, 160, 200, 240, 250, 255, 30)]  # 10 frames of 16x16
+    strip = make_vlm_judge(base_url=server.base_url, model="m", prompt_template="{prompt} at {fps} fps?")
+    assert strip(["p"], [video], fps=16.0) == [0.7]
+    image = Image.open(io.BytesIO(seen[0]["bytes"]))
+    assert (seen[0]["type"], seen[0]["header"], image.size) == ("image_url", "data:image/png;base64", (8 * 16, 16))
+    assert image.convert("RGB").getpixel((0, 0)) == (0, 0, 0) and image.convert("RGB").getpixel((127, 0))[0] == 30
+    assert seen[0]["text"] == "p at 16.0 fps?"
+
+    pytest.importorskip("imageio_ffmpeg")
+    import imageio.v2 as imageio
+
+    mp4 = make_vlm_judge(base_url=server.base_url, model="m", video="mp4")
+    assert mp4(["p"], [video], fps=8.0) == [0.7]
+    assert (seen[1]["type"], seen[1]["header"]) == ("video_url", "data:video/mp4;base64")
+    (tmp_path / "sent.mp4").write_bytes(seen[1]["bytes"])
+    reader = imageio.get_reader(str(tmp_path / "sent.mp4"), format="FFMPEG")
+    try:
+        assert len([frame for frame in reader]) == 10 and reader.get_meta_data()["fps"] == 8
+    finally:
+        reader.close()
+    with pytest.raises(UserInputError, match="video must be 'strip' or 'mp4'"):
+        make_vlm_judge(video="gif")

@@ -18,6 +18,13 @@ Protocol (JSON over HTTP), shared by this client and the server:
   returned something invalid, 503 the server is busy or stopping, with `Retry-After` (seconds): the client waits
   that long and retries.
 
+Videos (completions that are lists of frames): the request still carries one image per sample, the video's frame
+strip (up to `video_frames` evenly spaced frames side by side), and the columns gain `fps` (one value per video).
+With `video="mp4_path"` each video is also written as an mp4 into `video_dir` (a folder the server can read: same
+machine or shared storage) and its path sent in the column `video_path`, for rewards that read video files
+(VideoAlign-style scorers). To score frames with an image reward on the server instead, resolve
+`http://host:port/NAME@frames`: the frames then go out as images.
+
 Authentication: with a token, every request must carry `Authorization: Bearer <token>`. The client reads the
 token from its `token` argument or `$TRL_FLOW_REWARD_TOKEN`; the CLI server from `--token` or the same variable.
 """
@@ -27,11 +34,14 @@ from __future__ import annotations
 import json
 import os
 import urllib.parse
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from reward_funcs._http import RemoteRewardError, encode_image, post_json
 from trl_flow.errors import UserInputError
+from trl_flow.video import DEFAULT_FPS, frame_strip, is_video, write_mp4_file
 
 __all__ = ["TOKEN_ENV", "RemoteReward", "RemoteRewardError", "remote_reward"]
 
@@ -68,6 +78,9 @@ class RemoteReward:
         backoff: float = 1.0,
         batch_size: int | None = None,
         name: str | None = None,
+        video: str = "strip",
+        video_dir: str | os.PathLike[str] | None = None,
+        video_frames: int = 8,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         path_name = urllib.parse.unquote(parts.path.strip("/").rsplit("/", 1)[-1])
@@ -81,6 +94,16 @@ class RemoteReward:
                 f"remote reward '{url}': need timeout > 0, retries >= 0 and batch_size >= 1 "
                 f"(got {timeout}, {retries}, {batch_size})."
             )
+        if video not in ("strip", "mp4_path"):
+            raise UserInputError(f"remote reward '{url}': video must be 'strip' or 'mp4_path', got {video!r}.")
+        if video == "mp4_path" and video_dir is None:
+            raise UserInputError(
+                f"remote reward '{url}': video='mp4_path' needs video_dir, a folder the reward server can read."
+            )
+        if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
+            raise UserInputError(f"remote reward '{url}': video_frames must be a positive integer, got {video_frames}.")
+        self.video, self.video_frames = video, video_frames
+        self.video_dir = None if video_dir is None else os.fspath(video_dir)
         self.url = url
         self.__name__ = name or path_name
         self.token = token
@@ -119,6 +142,8 @@ class RemoteReward:
                 f"remote reward '{self.__name__}': got {len(prompts)} prompts for {len(completions)} images"
             )
         headers = self._headers()
+        if len(completions) > 0 and is_video(completions[0]):
+            completions, kwargs = self._video_request(completions, kwargs)
         step = self.batch_size or max(len(completions), 1)
         rewards: list[float | None] = []
         for start in range(0, len(completions), step):
@@ -143,6 +168,17 @@ class RemoteReward:
             )
         return rewards
 
+    def _video_request(self, videos: Sequence[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """The images (frame strips) and columns (`fps`, and `video_path` with mp4_path) sent for videos."""
+        fps = float(kwargs.get("fps") or DEFAULT_FPS)
+        columns = {**kwargs, "fps": [fps] * len(videos)}
+        if self.video == "mp4_path":
+            folder = Path(self.video_dir)
+            paths = [write_mp4_file(v, folder / f"{uuid.uuid4().hex}.mp4", fps) for v in videos]
+            columns["video_path"] = [str(path.resolve()) for path in paths]
+        strips = [frame_strip(v, max_frames=self.video_frames, min_height=1) for v in videos]
+        return strips, columns
+
 
 def remote_reward(
     url: str,
@@ -152,6 +188,9 @@ def remote_reward(
     backoff: float = 1.0,
     batch_size: int | None = None,
     name: str | None = None,
+    video: str = "strip",
+    video_dir: str | os.PathLike[str] | None = None,
+    video_frames: int = 8,
 ) -> RemoteReward:
     """A reward function that scores through a reward server at `url` (`http://host:port/NAME`).
 
@@ -166,10 +205,23 @@ def remote_reward(
         backoff: first pause between attempts, in seconds.
         batch_size: images per request; None sends each call's batch in one request.
         name: the reward's `__name__`; None means the last path segment of `url`.
+        video: for video completions, "strip" (frame strips and `fps`) or "mp4_path" (also an mp4 per video in
+            `video_dir`, its path in the column `video_path`).
+        video_dir: where "mp4_path" writes the videos (a folder the server can read).
+        video_frames: frames in each strip.
 
     Raises:
         UserInputError: `url` is not of the form http(s)://HOST:PORT/NAME, or bad numbers.
     """
     return RemoteReward(
-        url, token=token, timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size, name=name
+        url,
+        token=token,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        batch_size=batch_size,
+        name=name,
+        video=video,
+        video_dir=video_dir,
+        video_frames=video_frames,
     )

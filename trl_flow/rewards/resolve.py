@@ -10,6 +10,8 @@ A reward spec is one of:
   so the same file always yields the same module. Its folder is not added to `sys.path`.
 - the URL of a reward server, `http://host:port/NAME` (or `https://...`), as printed by
   `trl-flow serve-reward NAME`: the reward is computed by that server (see `trl_flow.rewards.remote.remote_reward`).
+- any of these followed by `@frames` or `@frames(every=K,pool=mean|min|max|first,chunk=N)`: the image reward
+  applied to videos, scoring every K-th frame and pooling the scores per video (`reward_funcs.frames.FramePooled`).
 
 If the named attribute is a class, it is instantiated without arguments and the instance must be
 callable (handy for rewards that load a model once).
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from reward_funcs import BUILTIN_REWARDS, get_builtin_reward, list_builtin_rewards
+from reward_funcs.frames import POOLS, FramePooled
 from trl_flow.errors import UserInputError
 from trl_flow.rewards.remote import remote_reward
 
@@ -54,6 +57,10 @@ __all__ = [
 ]
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# `SPEC@word` or `SPEC@word(options)` at the end of a spec; a URL's `user@host:port/...` never matches (no `:` or
+# `/` may follow the word).
+_MODIFIER = re.compile(r"^(?P<base>.*)@(?P<word>[A-Za-z_]\w*)\s*(?:\((?P<options>[^()]*)\))?$")
+_FRAMES_FORM = f"'SPEC@frames' or 'SPEC@frames(every=K,pool={'|'.join(POOLS)},chunk=N)'"
 
 
 def _forms_hint() -> str:
@@ -132,7 +139,53 @@ def resolve_reward_func(
     return func
 
 
+def _frames_options(spec: str, text: str) -> dict[str, Any]:
+    """The keyword arguments of `FramePooled` written in `@frames(...)`."""
+    options: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, equals, value = (piece.strip() for piece in item.partition("="))
+        if not equals or not key or not value:
+            raise UserInputError(f"reward '{spec}': option '{item}' of @frames is not KEY=VALUE; write {_FRAMES_FORM}.")
+        if key in options:
+            raise UserInputError(f"reward '{spec}': option '{key}' of @frames is given twice.")
+        if key in ("every", "chunk"):
+            if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+                raise UserInputError(
+                    f"reward '{spec}': @frames option {key} must be a positive integer, got '{value}'."
+                )
+            options[key] = int(value)
+        elif key == "pool":
+            if value not in POOLS:
+                raise UserInputError(
+                    f"reward '{spec}': @frames option pool must be one of {', '.join(POOLS)}, got '{value}'."
+                )
+            options[key] = value
+        else:
+            raise UserInputError(
+                f"reward '{spec}': unknown @frames option '{key}' (options: every, pool, chunk); write {_FRAMES_FORM}."
+            )
+    return options
+
+
 def _resolve_spec(spec: str, base_dir: str | os.PathLike[str] | None) -> Callable[..., Any]:
+    modifier = _MODIFIER.match(spec)
+    if modifier is not None:
+        base, word = modifier["base"].strip(), modifier["word"]
+        if word != "frames":
+            raise UserInputError(
+                f"reward '{spec}': unknown modifier '@{word}'; the only one is '@frames' ({_FRAMES_FORM})."
+            )
+        if not base:
+            raise UserInputError(f"reward '{spec}': nothing before '@frames'; write {_FRAMES_FORM}.")
+        options = _frames_options(spec, modifier["options"] or "")
+        inner = _resolve_spec(base, base_dir)
+        written = ",".join(f"{key}={value}" for key, value in options.items())
+        name = f"{reward_func_name(inner)}@frames" + (f"({written})" if written else "")
+        return FramePooled(inner, **options, name=name)
+    if "@frames" in spec:
+        raise UserInputError(f"reward '{spec}' is malformed; write {_FRAMES_FORM}.")
     if spec.startswith(("http://", "https://")):
         return remote_reward(spec)
     if spec in BUILTIN_REWARDS:

@@ -1,0 +1,94 @@
+"""FSDP2 (accelerate, `recipes/accelerate/fsdp2.yaml`) with two processes on CPU (gloo): a full fine-tune and a LoRA
+run of the tiny SD3 in one launch. Rewards are gathered over both ranks, the denoiser is sharded block by block (the
+frozen text encoders and VAE are not), both ranks hold the same weights after training, and what `save_model`
+writes loads in plain diffusers.
+
+accelerate 1.15 never selects FSDP on a CPU-only machine (its processes come up as MULTI_CPU and run plain DDP,
+silently); the worker's `allow_fsdp_on_cpu` makes that one decision as on GPUs. Everything else is accelerate's and
+torch's FSDP2 code."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory, tiny_sd3_path):
+    out = tmp_path_factory.mktemp("fsdp2")
+    config = yaml.safe_load((ROOT / "recipes/accelerate/fsdp2.yaml").read_text())
+    config["use_cpu"] = True  # as the recipe's comment says, for a CPU-only machine
+    config_path = out / "fsdp2_cpu.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        # the launched script's folder, not the repository, heads sys.path: import this checkout's trl_flow
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
+        str(ROOT / "tests/distributed/fsdp2_worker.py"), str(out), "full", "lora",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp2_shards_the_blocks_gathers_rewards_and_keeps_ranks_identical(fsdp2_run, mode):
+    ranks = [json.loads((fsdp2_run / f"{mode}_rank{r}.json").read_text()) for r in (0, 1)]
+    for report in ranks:
+        assert (report["world_size"], report["distributed_type"], report["fsdp_version"]) == (
+            2,
+            "DistributedType.FSDP",
+            2,
+        )
+        assert report["sharded_blocks"] == report["num_blocks"] > 0 and report["frozen_sharded"] == []
+        assert report["moved"] > 0  # training changed the weights
+    # Both ranks see the same gathered rewards: each step's group of 4 is 2 images from each rank.
+    assert ranks[0]["gathered_rewards"] == ranks[1]["gathered_rewards"]
+    for step in ranks[0]["gathered_rewards"]:
+        assert len(step) == 4 and step[:2] != step[2:]
+    # The full (all-gathered) weights are identical on both ranks.
+    rank0, rank1 = (load_file(str(fsdp2_run / f"{mode}_rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_fsdp2_full_fine_tune_saves_the_trained_transformer(fsdp2_run, tiny_sd3_path):
+    from diffusers import SD3Transformer2DModel
+
+    saved = SD3Transformer2DModel.from_pretrained(fsdp2_run / "full_saved" / "transformer")
+    trained = load_file(str(fsdp2_run / "full_rank0.safetensors"))
+    prefix = next(name for name in trained if name.endswith("pos_embed.proj.weight")).removesuffix(
+        "pos_embed.proj.weight"
+    )
+    state = saved.state_dict()  # parameters and buffers; every trained parameter must be there, as trained
+    assert set(trained) <= {prefix + name for name in state}
+    for name, value in state.items():
+        if prefix + name in trained:
+            assert torch.equal(value, trained[prefix + name]), name
+
+
+def test_fsdp2_lora_loads_in_diffusers_and_changes_the_image(fsdp2_run, tiny_sd3_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16, guidance_scale=1.0)
+    base = pipe("a red image", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    pipe.load_lora_weights(fsdp2_run / "lora_saved")
+    tuned = pipe("a red image", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    assert np.abs(base - tuned).mean() > 1e-4
