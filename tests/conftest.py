@@ -6,6 +6,24 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`-n 2` in pyproject.toml), each worker gets one of the machine's cores: two workers with a
+# thread per core each would oversubscribe the CPU and both run slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
+#: Test files that start processes of their own (`accelerate launch`, DeepSpeed): run one at a time, on one worker,
+#: so that their process groups never share the default rendezvous port.
+_LAUNCHING_TESTS = ("tests/distributed/",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``--dist loadgroup``, a file's tests stay on one worker (module fixtures such as a 2-process run are
+    built once), and the files that launch processes share one group."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        group = "launching" if path.startswith(_LAUNCHING_TESTS) else path
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
