@@ -103,7 +103,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         if isinstance(model, (str, os.PathLike)):
             model = load_pipeline(os.fspath(model), **dict(args.model_init_kwargs or {}))
         self.pipeline = model
-        self.adapter: FlowModelAdapter = adapter_for_pipeline(model, model_family)
+        self.adapter: FlowModelAdapter = adapter_for_pipeline(model, model_family, args)
 
         for module in self.adapter.frozen_modules().values():
             module.requires_grad_(False)
