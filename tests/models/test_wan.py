@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
+from reward_funcs.video_rules import color_transition
 from tests.factories import tiny_trainer
 from trl_flow.data import TINY_VIDEO_PROMPTS_PATH, load_prompt_dataset
 from trl_flow.errors import UserInputError
@@ -143,3 +144,36 @@ def test_saved_two_expert_lora_loads_into_wan22_pipeline(tiny_wan22_path, tmp_pa
     assert not np.array_equal(base, high_only) and not np.array_equal(high_only, both)
     ours = np.stack([np.stack([np.asarray(frame) for frame in video]) for video in ours]) / 255.0
     assert np.abs(ours - both).max() <= 1 / 255 + 1e-6
+
+
+def test_tiny_wan_learns_a_reward_only_a_video_model_can_earn(tiny_wan_path, tmp_path):
+    """`color_transition` scores "red turning blue" by the first frame's redness and the last frame's blueness (and the
+    reverse prompt the other way round), so any fixed video scores 0 on average over the two prompts: the mean rises
+    only if the policy makes the video follow the prompt over time. Measured on 2 CPU cores (one torch thread),
+    held-fixed seeds, 64 videos per prompt: 0.0055 -> 0.188 (standard error 0.022, 8.1 SE) in 200 updates, ~40 s
+    of training on a lightly loaded machine. Lower (150 updates, two threads): 3.4 SE."""
+    trainer = make_trainer(
+        tiny_wan_path,
+        tmp_path,
+        lora_targets=TINY_WAN_LORA_TARGETS,
+        guidance_scale=1.0,
+        max_steps=200,
+        learning_rate=5e-3,
+    )
+    prompts = [prompt for prompt in trainer.train_dataset["prompt"] for _ in range(64)]
+
+    def mean_and_standard_error():
+        videos = trainer.generate_images(prompts, num_inference_steps=4, noise_level=0.7, seed=1234)
+        rewards = torch.tensor(color_transition(prompts, videos))
+        return rewards.mean().item(), rewards.std().item() / len(rewards) ** 0.5
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the measured figures are for one thread (float sums depend on the thread count)
+    try:
+        before, standard_error = mean_and_standard_error()
+        trainer.train()
+        after, _ = mean_and_standard_error()
+    finally:
+        torch.set_num_threads(threads)
+    print(f"color_transition: {before:.4f} -> {after:.4f}, initial standard error {standard_error:.4f}")
+    assert after - before >= 4 * standard_error, (before, after, standard_error)
