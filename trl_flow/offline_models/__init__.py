@@ -1,6 +1,7 @@
 """Offline builds: small diffusers pipelines made on the CPU from a seed, with nothing downloaded.
 
-* :mod:`.sd3`, :mod:`.flux`, :mod:`.qwen_image`: tiny random-but-useful SD3 / FLUX.1 / Qwen-Image pipelines for
+* :mod:`.sd3`, :mod:`.flux`, :mod:`.qwen_image`, :mod:`.wan`: tiny random-but-useful SD3 / FLUX.1 / Qwen-Image /
+  Wan2.1 and two-expert Wan2.2 pipelines for
   tests, examples and CPU smoke runs (``ensure_tiny_*`` builds one into the cache on first use);
 * :mod:`.mini_geneval`: the mini-GenEval SD3, pretrained on synthetic shapes (it ships built in
   ``trl_flow/mini/pretrained``; ``ensure_mini_sd3()`` returns that folder);
@@ -25,6 +26,10 @@ _EXPORTS = {
     "ensure_tiny_flux": "flux",
     "build_tiny_qwen_image": "qwen_image",
     "ensure_tiny_qwen_image": "qwen_image",
+    "build_tiny_wan": "wan",
+    "ensure_tiny_wan": "wan",
+    "build_tiny_wan22": "wan",
+    "ensure_tiny_wan22": "wan",
     "MiniBuildConfig": "mini_geneval",
     "build_mini_sd3": "mini_geneval",
     "ensure_mini_sd3": "mini_geneval",
@@ -36,10 +41,14 @@ __all__ = [
     "build_tiny_flux",
     "build_tiny_qwen_image",
     "build_tiny_sd3",
+    "build_tiny_wan",
+    "build_tiny_wan22",
     "ensure_mini_sd3",
     "ensure_tiny_flux",
     "ensure_tiny_qwen_image",
     "ensure_tiny_sd3",
+    "ensure_tiny_wan",
+    "ensure_tiny_wan22",
 ]
 
 if TYPE_CHECKING:
@@ -47,6 +56,7 @@ if TYPE_CHECKING:
     from .mini_geneval import MiniBuildConfig, build_mini_sd3, ensure_mini_sd3
     from .qwen_image import build_tiny_qwen_image, ensure_tiny_qwen_image
     from .sd3 import build_tiny_sd3, ensure_tiny_sd3
+    from .wan import build_tiny_wan, build_tiny_wan22, ensure_tiny_wan, ensure_tiny_wan22
 
 
 def __getattr__(name: str):
