@@ -25,6 +25,7 @@ __all__ = ["BUILTIN_REWARDS", "get_builtin_reward", "list_builtin_rewards"]
 BUILTIN_REWARDS: dict[str, str] = {
     # rule-based (numpy + Pillow)
     "brightness": "reward_funcs.rules:brightness",
+    "color_transition": "reward_funcs.video_rules:color_transition",
     "jpeg_compressibility": "reward_funcs.rules:jpeg_compressibility",
     "jpeg_incompressibility": "reward_funcs.rules:jpeg_incompressibility",
     "mini_geneval": "reward_funcs.mini_geneval:mini_geneval",

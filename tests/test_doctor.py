@@ -53,3 +53,14 @@ def test_effective_quantities_are_reported(capsys):
     assert "2 (paper: 48)" in row(out, "unique prompts per rollout batch")
     assert "4 (paper: 2)" in row(out, "optimizer updates per rollout batch")
     assert "4 (paper: 576)" in row(out, "images per optimizer update")
+
+
+def test_tiny_wan_recipe_passes(capsys):
+    # Video: the doctor's sampler, on-policy and reward rows on 5-D latents and lists of frames.
+    code = main(["doctor", "--recipe", "recipes/tiny_wan.yaml"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert row(out, "SDE at noise_level 0").endswith("PASS")
+    assert "max |pixel difference| 0 / 255" in out
+    assert row(out, "on-policy ratio").endswith("PASS")
+    assert row(out, "reward color_transition").endswith("PASS")

@@ -77,3 +77,31 @@ def test_qwen_image_edit_counting_recipe_fails_clearly_offline(tmp_path, capsys)
     assert code == 2
     assert "could not load the diffusers pipeline 'Qwen/Qwen-Image-Edit'" in err
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "model_id"),
+    [("wan2_1_ocr", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), ("wan2_2_pickscore", "Wan-AI/Wan2.2-T2V-A14B-Diffusers")],
+)
+def test_wan_recipe_fails_clearly_offline(recipe, model_id, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    code = main(
+        ["grpo", "--recipe", f"recipes/{recipe}.yaml", "--bf16", "false",
+         "--dataset_name", "trl-flow/tiny-video-prompts", "--report_to", "none", "--output_dir", str(output_dir)]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"could not load the diffusers pipeline '{model_id}'" in err
+    assert not output_dir.exists()
+
+
+def test_wan_recipes_carry_their_sources_values():
+    _, config, model = parse_grpo_args(["--recipe", "recipes/wan2_1_ocr.yaml", "--bf16", "false"])
+    assert (config.height, config.width, config.num_frames) == (240, 416, 33)
+    assert (config.num_inference_steps, config.eval_num_inference_steps, config.guidance_scale) == (20, 50, 4.5)
+    assert (config.num_generations, config.beta, config.epsilon, model.lora_r) == (4, 0.004, 1e-3, 32)
+    _, config, model = parse_grpo_args(["--recipe", "recipes/wan2_2_pickscore.yaml", "--bf16", "false"])
+    assert (config.guidance_scale, config.guidance_scale_2, config.num_frames) == (4.0, 3.0, 5)
+    assert config.trained_experts == ["transformer", "transformer_2"] and (model.lora_r, model.lora_alpha) == (64, 128)
+    assert (config.num_generations, config.prompts_per_step, config.noise_level) == (16, 48, 0.9)
+    assert config.offload_rollouts

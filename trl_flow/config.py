@@ -157,6 +157,46 @@ class FlowGRPOConfig(GRPOConfig):
             "help": "Memory saver: keep the VAE on the CPU and move it to the accelerator only to decode rollouts."
         },
     )
+    offload_rollouts: bool = field(
+        default=False,
+        metadata={
+            "help": "Memory saver for video: keep the rollout record of the trained steps (latents, log-probs, "
+            "conditioning) on the CPU between the rollout and the training passes; each micro-batch is moved to the "
+            "accelerator when it is trained."
+        },
+    )
+    vae_tiling: bool = field(
+        default=False, metadata={"help": "Memory saver: decode with the VAE's spatial tiling (vae.enable_tiling())."}
+    )
+    vae_slicing: bool = field(
+        default=False,
+        metadata={"help": "Memory saver: decode one sample at a time (vae.enable_slicing())."},
+    )
+    # Video families (Wan): read by the adapter (FlowModelAdapter.configure); image families ignore them
+    num_frames: int | None = field(
+        default=None,
+        metadata={
+            "help": "Video: frames per sample, 4k + 1 for Wan (81, 33, 9, ...); None = the pipeline's default (81)."
+        },
+    )
+    fps: float | None = field(
+        default=None,
+        metadata={"help": "Video: frames per second (rewards and exported videos); None = the family's (Wan: 16)."},
+    )
+    guidance_scale_2: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wan2.2 A14B: CFG scale of the low-noise expert (transformer_2); None = guidance_scale, as "
+            "WanPipeline."
+        },
+    )
+    trained_experts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Wan2.2 A14B: which experts are trained (LoRA or full), of transformer (high noise) and "
+            "transformer_2 (low noise); None = both. An untrained expert stays frozen."
+        },
+    )
     async_rewards: bool = field(
         default=False,
         metadata={
@@ -292,6 +332,8 @@ class FlowGRPOConfig(GRPOConfig):
             (self.eval_images_to_log >= 0, "eval_images_to_log must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.ema_update_every >= 1, "ema_update_every must be >= 1"),
+            (self.num_frames is None or self.num_frames >= 1, "num_frames must be >= 1 (or unset)"),
+            (self.fps is None or self.fps > 0, "fps must be > 0 (or unset)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -42,6 +42,10 @@ TINY_PROMPTS_PATH = DATA_DIR / "tiny_prompts.txt"
 TINY_EVAL_PROMPTS_PATH = DATA_DIR / "tiny_eval_prompts.txt"
 """4 held-out colour prompts for evaluating the offline CPU demo."""
 
+TINY_VIDEO_PROMPTS_PATH = DATA_DIR / "tiny_video_prompts.txt"
+"""Colour-transition prompts ("red turning blue" and its reverse) for the tiny Wan and the `color_transition` reward:
+balanced in both directions, so any fixed video scores 0 on average."""
+
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 """Suffixes of local files that [`load_prompt_dataset`] reads (case-insensitive)."""
 

@@ -17,8 +17,8 @@ import yaml
 from .errors import UserInputError
 
 # Names usable in recipes instead of a hub id / path: things trl-flow builds or ships, so the demo needs no download.
-BUILTIN_MODELS = ("trl-flow/tiny-sd3", "trl-flow/mini-geneval")
-BUILTIN_DATASETS = ("trl-flow/tiny-prompts", "trl-flow/mini-geneval-prompts")
+BUILTIN_MODELS = ("trl-flow/tiny-sd3", "trl-flow/mini-geneval", "trl-flow/tiny-wan")
+BUILTIN_DATASETS = ("trl-flow/tiny-prompts", "trl-flow/mini-geneval-prompts", "trl-flow/tiny-video-prompts")
 
 
 @dataclass
@@ -132,6 +132,10 @@ def resolve_model(name: str) -> str:
         from .offline_models.sd3 import ensure_tiny_sd3
 
         return str(ensure_tiny_sd3())
+    if name == "trl-flow/tiny-wan":
+        from .offline_models.wan import ensure_tiny_wan
+
+        return str(ensure_tiny_wan())
     if name == "trl-flow/mini-geneval":  # ships with the package (trl_flow/mini/pretrained)
         from .offline_models.mini_geneval import ensure_mini_sd3
 
@@ -140,13 +144,15 @@ def resolve_model(name: str) -> str:
 
 
 def load_datasets(script_args, training_args):
-    from .data import TINY_EVAL_PROMPTS_PATH, TINY_PROMPTS_PATH, load_prompt_dataset
+    from .data import TINY_EVAL_PROMPTS_PATH, TINY_PROMPTS_PATH, TINY_VIDEO_PROMPTS_PATH, load_prompt_dataset
 
     if script_args.dataset_name is None:
         raise UserInputError("no prompts: set dataset_name in the recipe or with --dataset_name")
     if script_args.dataset_name == "trl-flow/tiny-prompts":
         train = load_prompt_dataset(str(TINY_PROMPTS_PATH))
         evaluation = load_prompt_dataset(str(TINY_EVAL_PROMPTS_PATH))
+    elif script_args.dataset_name == "trl-flow/tiny-video-prompts":  # balanced: evaluation uses the same two
+        train = evaluation = load_prompt_dataset(str(TINY_VIDEO_PROMPTS_PATH))
     else:
         name = script_args.dataset_name
         if name == "trl-flow/mini-geneval-prompts":  # the shipped folder: train/test_metadata.jsonl

@@ -198,6 +198,7 @@ class RolloutSampler:
             steps = torch.tensor(list(trained_steps))
             trajectory["sigmas"] = sigmas[steps].expand(batch_size, -1).to(latents.device)
             trajectory["sigmas_next"] = sigmas[steps + 1].expand(batch_size, -1).to(latents.device)
+            trajectory.update(self.adapter.step_record(trajectory["sigmas"]))  # e.g. Wan2.2's expert per step
         return latents, trajectory
 
     def rollout(

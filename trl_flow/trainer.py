@@ -110,7 +110,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         if isinstance(model, (str, os.PathLike)):
             model = load_pipeline(os.fspath(model), **dict(args.model_init_kwargs or {}))
         self.pipeline = model
-        self.adapter: FlowModelAdapter = adapter_for_pipeline(model, model_family)
+        self.adapter: FlowModelAdapter = adapter_for_pipeline(model, model_family, args)
 
         for module in self.adapter.frozen_modules().values():
             module.requires_grad_(False)
@@ -242,6 +242,9 @@ class FlowGRPOTrainer(GRPOTrainer):
 
         batch.update({CONDITIONING_PREFIX + name: tensor for name, tensor in conditioning.items()})
         batch["advantages"] = advantages[process_slice].to(self.accelerator.device)
+        if args.offload_rollouts and mode == "train":
+            # TRL buffers this batch for steps_per_generation micro-steps; _compute_loss brings back each slice.
+            batch = {name: tensor.cpu() for name, tensor in batch.items()}
         return batch
 
     def _score_locally(self, inputs: list[dict], images: list) -> torch.Tensor:
@@ -301,6 +304,8 @@ class FlowGRPOTrainer(GRPOTrainer):
         if self.algorithm.num_terms(inputs) == 0:  # evaluation batches carry no trained steps
             return torch.zeros((), device=self.accelerator.device)
         mode = "train" if self.model.training else "eval"
+        if self.args.offload_rollouts:  # the rollout record waited on the CPU (see _generate_and_score_completions)
+            inputs = {name: tensor.to(self.accelerator.device) for name, tensor in inputs.items()}
         loss, metrics = self.algorithm.loss(
             model, inputs, self._reference_denoiser, self.accelerator, self.current_gradient_accumulation_steps
         )

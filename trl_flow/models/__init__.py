@@ -12,6 +12,7 @@ from .flux import FluxAdapter  # noqa: E402
 from .qwen_image import QwenImageAdapter  # noqa: E402
 from .qwen_image_edit import QwenImageEditAdapter  # noqa: E402
 from .sd3 import SD3Adapter  # noqa: E402
+from .wan import WanAdapter  # noqa: E402
 
 #: Adapters by family name: the ``model_family`` a recipe (or ``FlowGRPOTrainer(model_family=...)``) may force.
 ADAPTERS: dict[str, type[FlowModelAdapter]] = {
@@ -19,6 +20,7 @@ ADAPTERS: dict[str, type[FlowModelAdapter]] = {
     "flux": FluxAdapter,
     "qwen_image": QwenImageAdapter,
     "qwen_image_edit": QwenImageEditAdapter,
+    "wan": WanAdapter,
 }
 
 
@@ -27,13 +29,21 @@ def _supported() -> str:
     return f"supported pipelines: {classes} (model_family: {', '.join(ADAPTERS)})"
 
 
-def adapter_for_pipeline(pipeline, family: str | None = None) -> FlowModelAdapter:
-    """The adapter for ``pipeline``: by ``family`` name if given, otherwise by the pipeline's class.
+def adapter_for_pipeline(pipeline, family: str | None = None, args=None) -> FlowModelAdapter:
+    """The adapter for ``pipeline``: by ``family`` name if given, otherwise by the pipeline's class; configured from
+    the run's config ``args`` when given (`FlowModelAdapter.configure`: a video family's frame count, ...).
 
     Automatic selection matches the pipeline's class name, or the name of one of its base classes, so a subclass of
     e.g. ``FluxPipeline`` is served by the FLUX adapter. Forcing a family skips the check, for pipelines whose class
     is unknown here but which follow that family's interface.
     """
+    adapter = _select(pipeline, family)
+    if args is not None:
+        adapter.configure(args)
+    return adapter
+
+
+def _select(pipeline, family: str | None) -> FlowModelAdapter:
     if family is not None:
         if family not in ADAPTERS:
             raise UserInputError(f"Unknown model family {family!r}; {_supported()}.")
@@ -56,5 +66,6 @@ __all__ = [
     "QwenImageAdapter",
     "QwenImageEditAdapter",
     "SD3Adapter",
+    "WanAdapter",
     "adapter_for_pipeline",
 ]

@@ -46,6 +46,16 @@ class FlowModelAdapter(ABC):
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
 
+    def configure(self, args: Any) -> None:
+        """Read the family's own keys from the run's `FlowGRPOConfig` (a video family's frame count, ...) and check
+        them against the pipeline; called once, before the trainer wraps `denoiser`. Image families need none."""
+        return None
+
+    def step_record(self, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra tensors of the rollout record, each (B, K) for the trained steps' noise levels ``sigmas`` (B, K):
+        what a family wants kept about each trained step (Wan2.2: which expert ran it). None by default."""
+        return {}
+
     @property
     def denoiser(self) -> torch.nn.Module:
         """The trainable network (a diffusers transformer)."""

@@ -1,8 +1,8 @@
 """Offline builds: small diffusers pipelines made on the CPU from a seed, with nothing downloaded.
 
-* :mod:`.sd3`, :mod:`.flux`, :mod:`.qwen_image`, :mod:`.qwen_image_edit`: tiny random-but-useful SD3 / FLUX.1 /
-  Qwen-Image / Qwen-Image-Edit pipelines for tests, examples and CPU smoke runs (``ensure_tiny_*`` builds one into
-  the cache on first use);
+* :mod:`.sd3`, :mod:`.flux`, :mod:`.qwen_image`, :mod:`.qwen_image_edit`, :mod:`.wan`: tiny random-but-useful
+  SD3 / FLUX.1 / Qwen-Image / Qwen-Image-Edit / Wan2.1 and two-expert Wan2.2 pipelines for tests, examples
+  and CPU smoke runs (``ensure_tiny_*`` builds one into the cache on first use);
 * :mod:`.mini_geneval`: the mini-GenEval SD3, pretrained on synthetic shapes (it ships built in
   ``trl_flow/mini/pretrained``; ``ensure_mini_sd3()`` returns that folder);
 
@@ -28,6 +28,10 @@ _EXPORTS = {
     "ensure_tiny_qwen_image": "qwen_image",
     "build_tiny_qwen_image_edit": "qwen_image_edit",
     "ensure_tiny_qwen_image_edit": "qwen_image_edit",
+    "build_tiny_wan": "wan",
+    "ensure_tiny_wan": "wan",
+    "build_tiny_wan22": "wan",
+    "ensure_tiny_wan22": "wan",
     "MiniBuildConfig": "mini_geneval",
     "build_mini_sd3": "mini_geneval",
     "ensure_mini_sd3": "mini_geneval",
@@ -40,11 +44,15 @@ __all__ = [
     "build_tiny_qwen_image",
     "build_tiny_qwen_image_edit",
     "build_tiny_sd3",
+    "build_tiny_wan",
+    "build_tiny_wan22",
     "ensure_mini_sd3",
     "ensure_tiny_flux",
     "ensure_tiny_qwen_image",
     "ensure_tiny_qwen_image_edit",
     "ensure_tiny_sd3",
+    "ensure_tiny_wan",
+    "ensure_tiny_wan22",
 ]
 
 if TYPE_CHECKING:
@@ -53,6 +61,7 @@ if TYPE_CHECKING:
     from .qwen_image import build_tiny_qwen_image, ensure_tiny_qwen_image
     from .qwen_image_edit import build_tiny_qwen_image_edit, ensure_tiny_qwen_image_edit
     from .sd3 import build_tiny_sd3, ensure_tiny_sd3
+    from .wan import build_tiny_wan, build_tiny_wan22, ensure_tiny_wan, ensure_tiny_wan22
 
 
 def __getattr__(name: str):

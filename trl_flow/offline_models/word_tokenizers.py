@@ -135,8 +135,9 @@ def build_clip_tokenizer():
     return tokenizer
 
 
-def build_t5_tokenizer():
-    """A unigram :class:`~transformers.T5Tokenizer` with one piece per word of the word list.
+def build_t5_tokenizer(extra_words: Sequence[str] = ()):
+    """A unigram :class:`~transformers.T5Tokenizer` with one piece per word of the word list (and of
+    ``extra_words``: a family's own words, e.g. the tiny Wan's "turning", without changing the other builds).
 
     A lowercasing normalizer would not survive ``save_pretrained``/``from_pretrained`` (the class rebuilds the
     backend from the vocabulary), so upper-case letters are single-character fallback pieces instead.
@@ -146,7 +147,8 @@ def build_t5_tokenizer():
     from transformers import T5Tokenizer
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -6.0)]
-    pieces += [("\u2581" + w, -3.0) for w in vocab_words()]
+    words = vocab_words() + sorted(set(extra_words) - set(vocab_words()))
+    pieces += [("\u2581" + w, -3.0) for w in words]
     chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
     pieces += [(c, -10.0) for c in chars]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
