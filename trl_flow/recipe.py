@@ -36,6 +36,13 @@ class FlowScriptArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "Split used for training."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
+    image_column: str = field(
+        default="image",
+        metadata={
+            "help": "Column holding the source images of an image-editing dataset (file paths, relative to the "
+            "dataset file's folder, or images); rewards get them as `source_images`."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["prompt_color"],
         metadata={"help": "Reward functions: built-in names, `package.module:function`, or `path/file.py:function`."},
@@ -153,7 +160,11 @@ def load_datasets(script_args, training_args):
             from .mini.data import PROMPTS_DIR
 
             name = str(PROMPTS_DIR)
-        load = dict(dataset_config=script_args.dataset_config, prompt_column=script_args.prompt_column)
+        load = dict(
+            dataset_config=script_args.dataset_config,
+            prompt_column=script_args.prompt_column,
+            image_column=script_args.image_column,
+        )
         train = load_prompt_dataset(name, split=script_args.dataset_train_split, **load)
         evaluation = None
         if training_args.eval_strategy != "no" or training_args.eval_on_start:

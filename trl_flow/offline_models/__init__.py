@@ -1,7 +1,8 @@
 """Offline builds: small diffusers pipelines made on the CPU from a seed, with nothing downloaded.
 
-* :mod:`.sd3`, :mod:`.flux`, :mod:`.qwen_image`: tiny random-but-useful SD3 / FLUX.1 / Qwen-Image pipelines for
-  tests, examples and CPU smoke runs (``ensure_tiny_*`` builds one into the cache on first use);
+* :mod:`.sd3`, :mod:`.flux`, :mod:`.flux_kontext`, :mod:`.qwen_image`: tiny random-but-useful SD3 / FLUX.1 /
+  FLUX.1 Kontext / Qwen-Image pipelines for tests, examples and CPU smoke runs (``ensure_tiny_*`` builds one into
+  the cache on first use);
 * :mod:`.mini_geneval`: the mini-GenEval SD3, pretrained on synthetic shapes (it ships built in
   ``trl_flow/mini/pretrained``; ``ensure_mini_sd3()`` returns that folder);
 
@@ -23,6 +24,8 @@ _EXPORTS = {
     "ensure_tiny_sd3": "sd3",
     "build_tiny_flux": "flux",
     "ensure_tiny_flux": "flux",
+    "build_tiny_flux_kontext": "flux_kontext",
+    "ensure_tiny_flux_kontext": "flux_kontext",
     "build_tiny_qwen_image": "qwen_image",
     "ensure_tiny_qwen_image": "qwen_image",
     "MiniBuildConfig": "mini_geneval",
@@ -34,16 +37,19 @@ __all__ = [
     "MiniBuildConfig",
     "build_mini_sd3",
     "build_tiny_flux",
+    "build_tiny_flux_kontext",
     "build_tiny_qwen_image",
     "build_tiny_sd3",
     "ensure_mini_sd3",
     "ensure_tiny_flux",
+    "ensure_tiny_flux_kontext",
     "ensure_tiny_qwen_image",
     "ensure_tiny_sd3",
 ]
 
 if TYPE_CHECKING:
     from .flux import build_tiny_flux, ensure_tiny_flux
+    from .flux_kontext import build_tiny_flux_kontext, ensure_tiny_flux_kontext
     from .mini_geneval import MiniBuildConfig, build_mini_sd3, ensure_mini_sd3
     from .qwen_image import build_tiny_qwen_image, ensure_tiny_qwen_image
     from .sd3 import build_tiny_sd3, ensure_tiny_sd3
