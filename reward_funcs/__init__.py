@@ -4,8 +4,8 @@ The registry maps each name to a `"module:function"` path and imports the module
 is asked for, so importing this package stays cheap. Each function's `__name__` equals its registry
 name, which TRL uses when logging `rewards/<name>/mean`.
 
-The model-based rewards (`pickscore`, `clipscore`, `aesthetic`, `imagereward`, `hps`, `ocr`, `geneval`,
-`vlm_judge`) are callable objects, not functions: importing their module loads no model; the first call does,
+The model-based rewards (`pickscore`, `clipscore`, `image_similarity`, `aesthetic`, `imagereward`, `hps`, `ocr`,
+`geneval`, `vlm_judge`) are callable objects, not functions: importing their module loads no model; the first call does,
 once per process (cached per model id, device and dtype). Each module also has a `make_<name>(...)` factory for
 other settings (model path, device, dtype, batch size, ...).
 """
@@ -28,11 +28,14 @@ BUILTIN_REWARDS: dict[str, str] = {
     "mini_geneval": "reward_funcs.mini_geneval:mini_geneval",
     "mid_grey": "reward_funcs.rules:mid_grey",
     "prompt_color": "reward_funcs.rules:prompt_color",
+    # image editing: read the sample's source image (`source_images`)
+    "recolor_shape": "reward_funcs.edit_rules:recolor_shape",
     # model-based: each module's object loads its model on first call (see docs/rewards.md)
     "aesthetic": "reward_funcs.aesthetic:aesthetic",
     "clipscore": "reward_funcs.clipscore:clipscore",
     "geneval": "reward_funcs.geneval:geneval",
     "hps": "reward_funcs.hps:hps",
+    "image_similarity": "reward_funcs.image_similarity:image_similarity",
     "imagereward": "reward_funcs.imagereward:imagereward",
     "ocr": "reward_funcs.ocr:ocr",
     "pickscore": "reward_funcs.pickscore:pickscore",

@@ -52,6 +52,10 @@ TINY_PROMPTS_PATH = DATA_DIR / "tiny_prompts.txt"
 TINY_EVAL_PROMPTS_PATH = DATA_DIR / "tiny_eval_prompts.txt"
 """4 held-out colour prompts for evaluating the offline CPU demo."""
 
+TINY_EDIT_DIR = DATA_DIR / "tiny_edit"
+"""The tiny edit task (flow_grpo folder layout): 4 light shapes on black (the left, right, top and bottom halves),
+each with "make it red / green / blue" (12 rows, the same in train and test), for the `recolor_shape` reward."""
+
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 """Suffixes of local files that [`load_prompt_dataset`] reads (case-insensitive)."""
 
