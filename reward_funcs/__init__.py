@@ -4,9 +4,9 @@ The registry maps each name to a `"module:function"` path and imports the module
 is asked for, so importing this package stays cheap. Each function's `__name__` equals its registry
 name, which TRL uses when logging `rewards/<name>/mean`.
 
-The model-based rewards (`pickscore`, `clipscore`, `aesthetic`, `imagereward`, `hps`, `ocr`, `geneval`,
-`vlm_judge`, `temporal_consistency`) are callable objects, not functions: importing their module loads no model;
-the first call does, once per process (cached per model id, device and dtype). Each module also has a
+The model-based rewards (`pickscore`, `clipscore`, `image_similarity`, `aesthetic`, `imagereward`, `hps`, `ocr`,
+`geneval`, `vlm_judge`, `temporal_consistency`) are callable objects, not functions: importing their module loads
+no model; the first call does, once per process (cached per model id, device and dtype). Each module also has a
 `make_<name>(...)` factory for other settings (model path, device, dtype, batch size, ...).
 
 Any image reward scores videos through `reward_funcs.frames.FramePooled` (`pickscore@frames` in a recipe).
@@ -34,11 +34,14 @@ BUILTIN_REWARDS: dict[str, str] = {
     # video (lists of frames): frame change in numpy; CLIP similarity of consecutive frames
     "motion": "reward_funcs.video:motion",
     "temporal_consistency": "reward_funcs.video:temporal_consistency",
+    # image editing: read the sample's source image (`source_images`)
+    "recolor_shape": "reward_funcs.edit_rules:recolor_shape",
     # model-based: each module's object loads its model on first call (see docs/rewards.md)
     "aesthetic": "reward_funcs.aesthetic:aesthetic",
     "clipscore": "reward_funcs.clipscore:clipscore",
     "geneval": "reward_funcs.geneval:geneval",
     "hps": "reward_funcs.hps:hps",
+    "image_similarity": "reward_funcs.image_similarity:image_similarity",
     "imagereward": "reward_funcs.imagereward:imagereward",
     "ocr": "reward_funcs.ocr:ocr",
     "pickscore": "reward_funcs.pickscore:pickscore",

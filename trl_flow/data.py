@@ -18,16 +18,26 @@ Accepted sources, tried in this order:
 3. anything else is a Hugging Face Hub dataset id, loaded with
    `datasets.load_dataset(name, config, split=split)` (it must be cached when running offline).
 
+Source images (image editing): a column `image` (or the one `image_column` names) holding image file paths
+(relative paths are resolved against the folder of the dataset file, as flow_grpo's `*_metadata.jsonl` folders
+need), a `datasets.Image` feature, or PIL images. Every image is opened once here, so a missing or unreadable one is
+an error naming its row and column before anything runs; the column comes out as a `datasets.Image` feature
+called `source_images` (see [`SOURCE_IMAGES_COLUMN`]), which TRL hands to every reward function as the keyword
+argument `source_images`.
+
 Every mistake raises [`trl_flow.errors.UserInputError`] with a message naming the file, column or row.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import datasets
+from PIL import Image, UnidentifiedImageError
 
 from trl_flow.errors import UserInputError
 
@@ -46,6 +56,10 @@ TINY_VIDEO_PROMPTS_PATH = DATA_DIR / "tiny_video_prompts.txt"
 """Colour-transition prompts ("red turning blue" and its reverse) for the tiny Wan and the `color_transition` reward:
 balanced in both directions, so any fixed video scores 0 on average."""
 
+TINY_EDIT_DIR = DATA_DIR / "tiny_edit"
+"""The tiny edit task (flow_grpo folder layout): 4 light shapes on black (the left, right, top and bottom halves),
+each with "make it red / green / blue" (12 rows, the same in train and test), for the `recolor_shape` reward."""
+
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 """Suffixes of local files that [`load_prompt_dataset`] reads (case-insensitive)."""
 
@@ -53,6 +67,10 @@ _BUILDER_FOR_SUFFIX = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parqu
 
 SPLIT_ALIASES: dict[str, str] = {"train": "train", "test": "test", "validation": "test", "eval": "test"}
 """Split name -> file prefix in a flow_grpo-style folder."""
+
+SOURCE_IMAGES_COLUMN = "source_images"
+"""The column a dataset's source images are renamed to: TRL passes every column to the rewards by its name, so
+each reward gets `source_images=[one PIL image per sample]`, and the trainer hands the same images to the rollout."""
 
 RESERVED_COLUMNS = frozenset(
     {"prompts", "completions", "completion", "completion_ids", "trainer_state", "log_extra", "log_metric"}
@@ -65,6 +83,7 @@ def load_prompt_dataset(
     dataset_config: str | None = None,
     split: str = "train",
     prompt_column: str = "prompt",
+    image_column: str = "image",
 ) -> datasets.Dataset:
     """Load a prompt dataset from a local file, a flow_grpo-style folder or the Hugging Face Hub.
 
@@ -75,6 +94,9 @@ def load_prompt_dataset(
         split: which split to read. For a flow_grpo-style folder: `"train"`, or `"test"` / `"validation"` /
             `"eval"` (all three read `test.txt` / `test_metadata.jsonl`). Ignored for a single local file.
         prompt_column: the column holding the prompts; renamed to `prompt`. Ignored for `.txt` files.
+        image_column: the column holding the source images of an editing dataset (paths, `datasets.Image` or PIL
+            images), renamed to `source_images` and decoded as `datasets.Image`. The default `image` is optional
+            (a text-to-image dataset has none); any other name must exist.
 
     Returns:
         A `datasets.Dataset` whose `prompt` column holds non-empty strings; all other columns are kept
@@ -92,13 +114,15 @@ def load_prompt_dataset(
         raise UserInputError(f"prompt_column must be a non-empty column name, got {prompt_column!r}.")
 
     path = Path(os.path.expanduser(dataset_name))
+    base = Path.cwd()  # where relative image paths point: the dataset file's folder for local files
     if path.is_file():
         if dataset_config is not None:
             logger.warning("dataset_config=%r is ignored for the local file %s.", dataset_config, path)
         ds = _load_file(path, prompt_column)
-        where = str(path)
+        where, base = str(path), path.resolve().parent
     elif path.is_dir():
         ds, where = _load_folder(path, split, prompt_column)
+        base = path.resolve()
     elif _looks_like_path(dataset_name):
         raise UserInputError(
             f"dataset file or folder '{dataset_name}' does not exist (resolved to '{path.resolve()}'). "
@@ -107,7 +131,8 @@ def load_prompt_dataset(
     else:
         ds = _load_hub(dataset_name, dataset_config, split)
         where = f"Hub dataset '{dataset_name}' (split '{split}')"
-    return _finalize(ds, where, prompt_column)
+    ds = _finalize(ds, where, prompt_column)
+    return with_source_images(ds, image_column, where, base)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -254,3 +279,103 @@ def _finalize(ds: datasets.Dataset, where: str, prompt_column: str) -> datasets.
     if prompt_column != "prompt":
         ds = ds.rename_column(prompt_column, "prompt")
     return ds
+
+
+def with_source_images(
+    ds: datasets.Dataset, image_column: str = "image", where: str = "", base: str | os.PathLike | None = None
+) -> datasets.Dataset:
+    """``ds`` with its source-image column checked (every image opened) and renamed to `source_images`, as a
+    `datasets.Image` feature (rows decode to PIL images). Returns ``ds`` unchanged when it has no ``image`` column
+    and ``image_column`` is the default.
+
+    Args:
+        ds: the dataset.
+        image_column: the column holding the images: file paths (relative ones resolved against ``base``), a
+            `datasets.Image` feature, PIL images, or `{"bytes", "path"}` dicts.
+        where: how error messages name the dataset.
+        base: the folder relative paths are resolved against (default: the working directory).
+
+    Raises:
+        UserInputError: a missing column (other than the default), a missing or unreadable image (naming its row
+            and the column), or a clash with an existing `source_images` column.
+    """
+    where = where or "given"
+    if not isinstance(image_column, str) or not image_column:
+        raise UserInputError(f"image_column must be a non-empty column name, got {image_column!r}.")
+    columns = list(ds.column_names)
+    if image_column not in columns:
+        if image_column != "image":
+            raise UserInputError(
+                f"dataset {where} has no column '{image_column}' (available columns: {', '.join(columns)}). "
+                "Set the image_column key of the recipe to the column holding the source images."
+            )
+        return ds
+    if image_column != SOURCE_IMAGES_COLUMN and SOURCE_IMAGES_COLUMN in columns:
+        raise UserInputError(
+            f"dataset {where} has both a '{SOURCE_IMAGES_COLUMN}' column and the image_column '{image_column}', "
+            f"which would be renamed to '{SOURCE_IMAGES_COLUMN}'; rename or remove one."
+        )
+    base = Path(base) if base is not None else Path.cwd()
+    feature = ds.features[image_column]
+    raw = ds.cast_column(image_column, datasets.Image(decode=False)) if isinstance(feature, datasets.Image) else ds
+    values = []
+    for row, value in enumerate(raw[image_column]):
+        values.append(_checked_image(value, row, image_column, where, base))
+    # Stored as the Image feature stores them (paths stay paths, PIL images become bytes); rows decode to PIL images.
+    feature = datasets.Image()
+    encoded = [feature.encode_example(value) for value in values]
+    return ds.remove_columns(image_column).add_column(SOURCE_IMAGES_COLUMN, encoded, feature=feature)
+
+
+def _checked_image(value: Any, row: int, column: str, where: str, base: Path) -> Any:
+    """One source image, opened to prove it is readable; returned as a storable value (absolute path, bytes dict or
+    the PIL image)."""
+
+    def fail(reason: str) -> UserInputError:
+        return UserInputError(
+            f"dataset {where}, column '{column}', row {row} (0-based): {reason}. Fix that row's image or choose "
+            "another image_column."
+        )
+
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):  # a datasets.Image value left undecoded: {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            _open_image(io.BytesIO(value["bytes"]), fail, "its image bytes")
+            return {"bytes": value["bytes"], "path": None}
+        value = value.get("path")
+    if isinstance(value, str) and value.strip():
+        if "://" in value:
+            raise fail(f"'{value}' is a URL; source images must be local files (download them first)")
+        path = Path(os.path.expanduser(value))
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise fail(f"image file '{value}' does not exist (resolved to '{path}')")
+        _open_image(path, fail, f"the image file '{path}'")
+        return str(path)
+    raise fail(f"expected an image file path, a PIL image or a datasets.Image value, got {type(value).__name__}")
+
+
+def _open_image(source: Any, fail, what: str) -> None:
+    try:
+        with Image.open(source) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise fail(f"{what} is not a readable image ({type(e).__name__}: {e})") from e
+
+
+def require_source_images(dataset: Any, which: str) -> Any:
+    """The trainer's check of a dataset for an image-editing family: a `source_images` column, or an `image` column
+    made into one ([`with_source_images`]). None and non-`datasets.Dataset` inputs pass unchanged.
+
+    Raises:
+        UserInputError: the dataset has neither column (naming ``which`` and the image_column key).
+    """
+    if not isinstance(dataset, datasets.Dataset) or SOURCE_IMAGES_COLUMN in dataset.column_names:
+        return dataset
+    if "image" in dataset.column_names:
+        return with_source_images(dataset, "image", which)
+    raise UserInputError(
+        f"{which} has no source images: an image-editing model needs a column of source images (default 'image'; "
+        f"the image_column key renames another; available columns: {', '.join(dataset.column_names)})."
+    )

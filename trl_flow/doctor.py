@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .data import SOURCE_IMAGES_COLUMN
 from .recipe import effective_quantities
 
 PASS, WARN, FAIL, INFO = "PASS", "WARN", "FAIL", "INFO"
@@ -51,11 +52,15 @@ def _rollout_inputs(trainer) -> list[dict]:
     return [dict(row) for row in rows for _ in range(group)][:local]
 
 
-def check_sampler_matches_pipeline(trainer, prompts: list[str]) -> Check:
-    """SDE sampling at noise level 0 must be the pipeline's own deterministic sampling (same seed and steps)."""
+def check_sampler_matches_pipeline(trainer, prompts: list[str], condition_images: list | None = None) -> Check:
+    """SDE sampling at noise level 0 must be the pipeline's own deterministic sampling (same seed and steps); an
+    editing family gets one source image per prompt."""
     args = trainer.args
     steps = args.num_inference_steps
-    ours = trainer.generate_images(prompts, num_inference_steps=steps, noise_level=0.0, seed=0)
+    ours = trainer.generate_images(
+        prompts, num_inference_steps=steps, noise_level=0.0, seed=0, condition_images=condition_images
+    )
+    edit = {} if condition_images is None else {"condition_images": condition_images}
     theirs = trainer.adapter.reference_images(
         prompts,
         num_inference_steps=steps,
@@ -64,6 +69,7 @@ def check_sampler_matches_pipeline(trainer, prompts: list[str]) -> Check:
         width=args.width,
         max_sequence_length=args.max_sequence_length,
         seed=0,
+        **edit,
     )
     difference = max(
         np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
@@ -201,10 +207,12 @@ def run_doctor(script_args, training_args, model_args) -> list[Check]:
     trainer = build_trainer(script_args, training_args, model_args)
     _make_adapter_nonzero(trainer.model)
     inputs = _rollout_inputs(trainer)
-    prompts = list(dict.fromkeys(row["prompt"] for row in inputs))[:2]
+    rows = list({row["prompt"]: row for row in inputs}.values())[:2]  # two distinct prompts
+    prompts = [row["prompt"] for row in rows]
+    sources = [row[SOURCE_IMAGES_COLUMN] for row in rows] if trainer.adapter.takes_condition_images else None
 
     trainer.model.eval()  # the sampler check compares the math, not dropout masks (the ratio row covers those)
-    checks = [check_sampler_matches_pipeline(trainer, prompts)]
+    checks = [check_sampler_matches_pipeline(trainer, prompts, sources)]
     trainer.model.train()  # rollouts run in training mode during `train()`, dropout included
     batch = trainer._generate_and_score_completions(inputs)
     checks.extend(check_on_policy_ratio(trainer, batch))

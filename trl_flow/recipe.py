@@ -17,8 +17,13 @@ import yaml
 from .errors import UserInputError
 
 # Names usable in recipes instead of a hub id / path: things trl-flow builds or ships, so the demo needs no download.
-BUILTIN_MODELS = ("trl-flow/tiny-sd3", "trl-flow/mini-geneval", "trl-flow/tiny-wan")
-BUILTIN_DATASETS = ("trl-flow/tiny-prompts", "trl-flow/mini-geneval-prompts", "trl-flow/tiny-video-prompts")
+BUILTIN_MODELS = ("trl-flow/tiny-sd3", "trl-flow/mini-geneval", "trl-flow/tiny-wan", "trl-flow/tiny-flux-kontext")
+BUILTIN_DATASETS = (
+    "trl-flow/tiny-prompts",
+    "trl-flow/mini-geneval-prompts",
+    "trl-flow/tiny-video-prompts",
+    "trl-flow/tiny-edit",
+)
 
 
 @dataclass
@@ -29,13 +34,21 @@ class FlowScriptArguments:
         default=None,
         metadata={
             "help": "Prompts: a hub dataset id, a local .txt/.jsonl/.json/.csv/.parquet file, a flow_grpo-style "
-            "folder (train.txt/test.txt or *_metadata.jsonl), trl-flow/tiny-prompts or trl-flow/mini-geneval-prompts."
+            "folder (train.txt/test.txt or *_metadata.jsonl), trl-flow/tiny-prompts, trl-flow/mini-geneval-prompts "
+            "or trl-flow/tiny-edit (source images + edit prompts)."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split used for training."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
+    image_column: str = field(
+        default="image",
+        metadata={
+            "help": "Column holding the source images of an image-editing dataset (file paths, relative to the "
+            "dataset file's folder, or images); rewards get them as `source_images`."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["prompt_color"],
         metadata={"help": "Reward functions: built-in names, `package.module:function`, or `path/file.py:function`."},
@@ -140,6 +153,10 @@ def resolve_model(name: str) -> str:
         from .offline_models.mini_geneval import ensure_mini_sd3
 
         return str(ensure_mini_sd3())
+    if name == "trl-flow/tiny-flux-kontext":
+        from .offline_models.flux_kontext import ensure_tiny_flux_kontext
+
+        return str(ensure_tiny_flux_kontext())
     return name
 
 
@@ -159,7 +176,15 @@ def load_datasets(script_args, training_args):
             from .mini.data import PROMPTS_DIR
 
             name = str(PROMPTS_DIR)
-        load = dict(dataset_config=script_args.dataset_config, prompt_column=script_args.prompt_column)
+        elif name == "trl-flow/tiny-edit":  # the shipped folder: source PNGs + train/test_metadata.jsonl
+            from .data import TINY_EDIT_DIR
+
+            name = str(TINY_EDIT_DIR)
+        load = dict(
+            dataset_config=script_args.dataset_config,
+            prompt_column=script_args.prompt_column,
+            image_column=script_args.image_column,
+        )
         train = load_prompt_dataset(name, split=script_args.dataset_train_split, **load)
         evaluation = None
         if training_args.eval_strategy != "no" or training_args.eval_on_start:

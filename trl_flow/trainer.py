@@ -34,6 +34,7 @@ from .algorithms import CONDITIONING_PREFIX, Algorithm, build_algorithm
 from .algorithms.advantages import group_relative_advantages, reward_metrics, weighted_rewards
 from .callbacks import EMACallback, EvalSample, EvalSamplesCallback, ParameterEMA, RewardCurveCallback
 from .config import FlowGRPOConfig
+from .data import SOURCE_IMAGES_COLUMN, require_source_images
 from .errors import UserInputError
 from .guard import RewardHackingGuard
 from .lifecycle import (
@@ -120,6 +121,9 @@ class FlowGRPOTrainer(GRPOTrainer):
         policy.requires_grad_(peft_config is None)
 
         reward_funcs = [_validated_reward(f, self.adapter) for f in resolve_reward_funcs(reward_funcs)]
+        if self.adapter.takes_condition_images:  # editing: every row needs its source image
+            train_dataset = require_source_images(train_dataset, "train_dataset")
+            eval_dataset = require_source_images(eval_dataset, "eval_dataset")
 
         # GRPOTrainer rebuilds a full-fine-tuning reference from config._name_or_path, which is no LM here: keep a
         # frozen copy of the denoiser ourselves and let the parent believe beta is 0 while it sets up.
@@ -174,15 +178,21 @@ class FlowGRPOTrainer(GRPOTrainer):
         )
 
     def generate_images(
-        self, prompts: list[str], num_inference_steps: int | None = None, noise_level: float = 0.0, seed: int = 0
+        self,
+        prompts: list[str],
+        num_inference_steps: int | None = None,
+        noise_level: float = 0.0,
+        seed: int = 0,
+        condition_images: list | None = None,
     ) -> list:
-        """Sample images of the current policy for ``prompts`` (ODE by default, ``eval_num_inference_steps``).
+        """Sample images of the current policy for ``prompts`` (ODE by default, ``eval_num_inference_steps``), with
+        one source image per prompt for an image-editing family.
 
         Deterministic for a ``seed``: the same seed gives the same initial noise, so images before and after
         training can be compared one to one.
         """
         num_steps = num_inference_steps or self.args.eval_num_inference_steps
-        rollout = self.rollouts.rollout
+        rollout = functools.partial(self.rollouts.rollout, condition_images=condition_images)
         images, _, _ = rollout(self._denoiser_for_generation, prompts, num_steps, noise_level, range(0), seed)
         return images
 
@@ -208,6 +218,10 @@ class FlowGRPOTrainer(GRPOTrainer):
             sample_offset=self.rollouts.sample_offset(len(prompts)),
             antithetic=mode == "train" and args.antithetic_sampling,
             record=self.algorithm.rollout_record,
+            # Editing: each row's source image (a group repeats its row, so it shares one and is encoded once).
+            condition_images=(
+                [row[SOURCE_IMAGES_COLUMN] for row in inputs] if self.adapter.takes_condition_images else None
+            ),
         )
         if args.async_rewards:
             # Score each chunk in a worker thread while the next chunk denoises (as the official code overlaps

@@ -9,6 +9,7 @@ use_pil_image_processors_without_torchvision()  # before the adapters import dif
 
 from .base import Conditioning, DenoiserCall, FlowModelAdapter  # noqa: E402
 from .flux import FluxAdapter  # noqa: E402
+from .flux_kontext import FluxKontextAdapter  # noqa: E402
 from .qwen_image import QwenImageAdapter  # noqa: E402
 from .qwen_image_edit import QwenImageEditAdapter  # noqa: E402
 from .sd3 import SD3Adapter  # noqa: E402
@@ -18,6 +19,7 @@ from .wan import WanAdapter  # noqa: E402
 ADAPTERS: dict[str, type[FlowModelAdapter]] = {
     "sd3": SD3Adapter,
     "flux": FluxAdapter,
+    "flux_kontext": FluxKontextAdapter,
     "qwen_image": QwenImageAdapter,
     "qwen_image_edit": QwenImageEditAdapter,
     "wan": WanAdapter,
@@ -63,6 +65,7 @@ __all__ = [
     "DenoiserCall",
     "FlowModelAdapter",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "QwenImageAdapter",
     "QwenImageEditAdapter",
     "SD3Adapter",

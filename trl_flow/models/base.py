@@ -94,6 +94,12 @@ class FlowModelAdapter(ABC):
             raise TypeError(f"{type(self).__name__} is text-to-image: it takes no condition image")
         return self.encode_prompts(prompts, negative_prompt, guidance_scale, max_sequence_length)
 
+    @property
+    def takes_condition_images(self) -> bool:
+        """Whether the family edits a source image (its ``encode_conditioning`` takes ``condition_images``): the
+        trainer then needs a `source_images` dataset column and hands those images to every rollout."""
+        return type(self).encode_conditioning is not FlowModelAdapter.encode_conditioning
+
     @abstractmethod
     def prepare_latents(
         self, batch_size: int, height: int, width: int, generator: torch.Generator | None
@@ -160,8 +166,12 @@ class FlowModelAdapter(ABC):
         width: int,
         max_sequence_length: int,
         seed: int,
+        condition_images: list | None = None,
     ) -> list[Image.Image]:
-        """The family's own pipeline call (deterministic sampler), which noise-level-0 rollouts must reproduce."""
+        """The family's own pipeline call (deterministic sampler), which noise-level-0 rollouts must reproduce; an
+        image-editing family overrides it to pass ``condition_images`` (one source image per prompt)."""
+        if condition_images is not None:
+            raise TypeError(f"{type(self).__name__} is text-to-image: it takes no condition image")
         return self.pipeline(
             prompts,
             num_inference_steps=num_inference_steps,

@@ -76,20 +76,34 @@ class FluxAdapter(PackedLatentsAdapter):
     ) -> torch.Tensor:
         _, _, latent_height, latent_width = latents.shape
         hidden_states = pack_latents(latents.to(self.dtype))
+        image_ids = flux_image_ids(latent_height, latent_width, latents.device, hidden_states.dtype)
+        prediction = self._transformer(denoiser, hidden_states, image_ids, sigma, conditioning, guidance_scale)
+        return unpack_latents(prediction, latent_height, latent_width)
+
+    def _transformer(
+        self,
+        denoiser: DenoiserCall,
+        hidden_states: torch.Tensor,
+        image_ids: torch.Tensor,
+        sigma: torch.Tensor,
+        conditioning: Conditioning,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The FLUX transformer on a packed token sequence with its position ids (shared with FLUX.1 Kontext, whose
+        sequence also holds the source image's tokens)."""
         prompt_embeds = conditioning["prompt_embeds"]
         guidance = None
         if self.denoiser.config.guidance_embeds:
-            guidance = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
-        prediction = denoiser(
+            guidance = torch.full((hidden_states.shape[0],), float(guidance_scale), device=hidden_states.device)
+        return denoiser(
             hidden_states=hidden_states,
             timestep=self._timestep(sigma, hidden_states),
             guidance=guidance,
             pooled_projections=conditioning["pooled_prompt_embeds"],
             encoder_hidden_states=prompt_embeds,
-            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=prompt_embeds.dtype),
-            img_ids=flux_image_ids(latent_height, latent_width, latents.device, hidden_states.dtype),
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=hidden_states.device, dtype=prompt_embeds.dtype),
+            img_ids=image_ids,
         )
-        return unpack_latents(prediction, latent_height, latent_width)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
