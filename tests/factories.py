@@ -85,3 +85,13 @@ def prompt_color_before_and_after_training(trainer, num_inference_steps: int) ->
     after, _ = mean_and_standard_error()
     print(f"prompt_color: {before:.4f} -> {after:.4f}, initial standard error {standard_error:.4f}")
     return before, after, standard_error
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launched process group's rendezvous: the default 29500 may be taken
+    by another run on the machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

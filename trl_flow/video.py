@@ -13,10 +13,12 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "DEFAULT_FPS",
@@ -67,6 +69,8 @@ def _rgb_frames(frames: Sequence[Any]) -> list[Image.Image]:
 def frame_strip(frames: Sequence[Any], max_frames: int = 8, min_height: int = 64) -> Image.Image:
     """One RGB image of up to ``max_frames`` evenly spaced frames side by side (first and last included); tiny frames
     are enlarged (nearest neighbour) to ``min_height`` so a 16 px test video stays visible."""
+    from PIL import Image  # not at import: the reward server and remote rewards import this module
+
     images = _rgb_frames(frames)
     if len(images) > max_frames:
         picks = np.linspace(0, len(images) - 1, max_frames).round().astype(int)
@@ -127,6 +131,7 @@ def write_video(frames: Sequence[Any], path: str | os.PathLike[str], fps: float,
 
 def _write_mp4(images: list[Image.Image], path: Path, fps: float) -> None:
     import imageio.v2 as imageio
+    from PIL import Image
 
     width, height = images[0].size
     even = (width + width % 2, height + height % 2)  # yuv420p needs even sizes

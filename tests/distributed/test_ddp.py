@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.factories import free_port
 from trl_flow.algorithms.advantages import group_relative_advantages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,10 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_sd3_path):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           # the launched script's folder, not the repository, heads sys.path: import this checkout's trl_flow
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "recipes/accelerate/ddp_cpu.yaml"),
+        "--main_process_port", str(free_port()),
         str(ROOT / "tests/distributed/ddp_worker.py"), str(out),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

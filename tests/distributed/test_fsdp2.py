@@ -19,6 +19,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.factories import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,6 +41,7 @@ def fsdp2_run(tmp_path_factory, tiny_sd3_path):
     }
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
+        "--main_process_port", str(free_port()),
         str(ROOT / "tests/distributed/fsdp2_worker.py"), str(out), "full", "lora",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -17,7 +17,9 @@ import reward_funcs
 from reward_funcs import BUILTIN_REWARDS, get_builtin_reward
 from trl_flow.rewards import resolve_reward_func, reward_func_name
 
-MODEL_REWARDS = ["aesthetic", "clipscore", "geneval", "hps", "imagereward", "ocr", "pickscore", "vlm_judge"]
+MODEL_REWARDS = [
+    "aesthetic", "clipscore", "geneval", "hps", "image_similarity", "imagereward", "ocr", "pickscore", "vlm_judge",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODEL_REWARDS)

@@ -153,7 +153,9 @@ def test_jpeg_accepts_numpy_arrays() -> None:
 def test_registry_names() -> None:
     expected = ["brightness", "jpeg_compressibility", "jpeg_incompressibility", "mid_grey", "prompt_color"]
     model_based = ["aesthetic", "clipscore", "geneval", "hps", "imagereward", "ocr", "pickscore", "vlm_judge"]
-    other_rules = ["mini_geneval"]  # reward_funcs/mini_geneval.py
+    model_based += ["image_similarity", "temporal_consistency"]  # editing (source vs output), video (CLIP frames)
+    # mini_geneval.py; video_rules.py, video.py (frame differences); edit_rules.py
+    other_rules = ["mini_geneval", "color_transition", "motion", "recolor_shape"]
     assert list_builtin_rewards() == sorted(expected + model_based + other_rules)
     assert sorted(BUILTIN_REWARDS) == sorted(expected + model_based + other_rules)
     for name in expected:
