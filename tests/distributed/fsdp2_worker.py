@@ -1,4 +1,4 @@
-"""Run by `accelerate launch` (FSDP2, 2 CPU processes) from tests/distributed/test_fsdp2.py: a 2-step tiny-SD3 run,
+"""Run by `accelerate launch` (FSDP2, 2 CPU processes) from tests/distributed/test_fsdp2.py: a 2-step tiny-Wan2.1 run,
 a full fine-tune (`full`) or a LoRA (`lora`), that records per rank the rewards it gathered and, after training, the
 full (all-gathered) trained weights, and saves the model (`trainer.save_model`)."""
 
@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule
 
 from trl_flow import FlowGRPOConfig, FlowGRPOTrainer
-from trl_flow.data import TINY_PROMPTS_PATH, load_prompt_dataset
-from trl_flow.offline_models.sd3 import ensure_tiny_sd3
+from trl_flow.data import TINY_VIDEO_PROMPTS_PATH, load_prompt_dataset
+from trl_flow.offline_models.wan import ensure_tiny_wan
 
 
 def allow_fsdp_on_cpu() -> None:
@@ -72,8 +72,9 @@ def main(out: Path, mode: str) -> None:
         prompts_per_step=1,
         num_inference_steps=2,
         sde_window_size=1,  # one trained step per rollout: cheap
-        height=32,
-        width=32,
+        height=16,
+        width=16,
+        num_frames=9,
         guidance_scale=1.0,
         max_sequence_length=16,
         learning_rate=1e-2 if mode == "lora" else 1e-3,
@@ -87,10 +88,10 @@ def main(out: Path, mode: str) -> None:
     if mode == "lora":
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
     trainer = RecordingTrainer(
-        ensure_tiny_sd3(),
-        ["prompt_color"],
+        ensure_tiny_wan(),
+        ["color_transition"],
         args,
-        train_dataset=load_prompt_dataset(str(TINY_PROMPTS_PATH)),
+        train_dataset=load_prompt_dataset(str(TINY_VIDEO_PROMPTS_PATH)),
         peft_config=peft_config,
     )
     before = full_weights(trainer.model)
@@ -105,9 +106,9 @@ def main(out: Path, mode: str) -> None:
         "sharded": type(trainer.model_wrapped).__name__,
         # The wrap policy: each transformer block is its own FSDP unit; the frozen parts are never sharded.
         "sharded_blocks": sum(
-            isinstance(m, FSDPModule) and "JointTransformerBlock" in type(m).__name__ for m in trainer.model.modules()
+            isinstance(m, FSDPModule) and "WanTransformerBlock" in type(m).__name__ for m in trainer.model.modules()
         ),
-        "num_blocks": len(trainer.adapter.denoiser.transformer_blocks),
+        "num_blocks": len(trainer.adapter.denoiser.blocks),
         "frozen_sharded": [name for name, m in trainer.adapter.frozen_modules().items() if isinstance(m, FSDPModule)],
         "gathered_rewards": trainer.records,
         "moved": moved,

@@ -1,7 +1,7 @@
 """FSDP2 (accelerate, `recipes/accelerate/fsdp2.yaml`) with two processes on CPU (gloo): a full fine-tune and a LoRA
-run of the tiny SD3 in one launch. Rewards are gathered over both ranks, the denoiser is sharded block by block (the
-frozen text encoders and VAE are not), both ranks hold the same weights after training, and what `save_model`
-writes loads in plain diffusers.
+run of the tiny Wan2.1 (a video model) in one launch. Rewards are gathered over both ranks, the denoiser is sharded
+block by block (the frozen text encoder and VAE are not), both ranks hold the same weights after training, and what
+`save_model` writes loads in plain diffusers.
 
 accelerate 1.15 never selects FSDP on a CPU-only machine (its processes come up as MULTI_CPU and run plain DDP,
 silently); the worker's `allow_fsdp_on_cpu` makes that one decision as on GPUs. Everything else is accelerate's and
@@ -25,10 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory, tiny_sd3_path):
+def fsdp2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     config = yaml.safe_load((ROOT / "recipes/accelerate/fsdp2.yaml").read_text())
     config["use_cpu"] = True  # as the recipe's comment says, for a CPU-only machine
+    # the recipe's comment: set the family's block class (Wan: WanTransformerBlock)
+    config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = "WanTransformerBlock"
     config_path = out / "fsdp2_cpu.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {
@@ -71,13 +73,13 @@ def test_fsdp2_shards_the_blocks_gathers_rewards_and_keeps_ranks_identical(fsdp2
         assert torch.equal(rank0[name], rank1[name]), name
 
 
-def test_fsdp2_full_fine_tune_saves_the_trained_transformer(fsdp2_run, tiny_sd3_path):
-    from diffusers import SD3Transformer2DModel
+def test_fsdp2_full_fine_tune_saves_the_trained_transformer(fsdp2_run):
+    from diffusers import WanTransformer3DModel
 
-    saved = SD3Transformer2DModel.from_pretrained(fsdp2_run / "full_saved" / "transformer")
+    saved = WanTransformer3DModel.from_pretrained(fsdp2_run / "full_saved" / "transformer")
     trained = load_file(str(fsdp2_run / "full_rank0.safetensors"))
-    prefix = next(name for name in trained if name.endswith("pos_embed.proj.weight")).removesuffix(
-        "pos_embed.proj.weight"
+    prefix = next(name for name in trained if name.endswith("patch_embedding.weight")).removesuffix(
+        "patch_embedding.weight"
     )
     state = saved.state_dict()  # parameters and buffers; every trained parameter must be there, as trained
     assert set(trained) <= {prefix + name for name in state}
@@ -86,12 +88,15 @@ def test_fsdp2_full_fine_tune_saves_the_trained_transformer(fsdp2_run, tiny_sd3_
             assert torch.equal(value, trained[prefix + name]), name
 
 
-def test_fsdp2_lora_loads_in_diffusers_and_changes_the_image(fsdp2_run, tiny_sd3_path):
-    from diffusers import StableDiffusion3Pipeline
+def test_fsdp2_lora_loads_in_diffusers_and_changes_the_video(fsdp2_run):
+    from diffusers import WanPipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
-    kwargs = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16, guidance_scale=1.0)
-    base = pipe("a red image", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    from trl_flow.offline_models.wan import ensure_tiny_wan
+
+    pipe = WanPipeline.from_pretrained(ensure_tiny_wan())
+    kwargs = dict(num_inference_steps=2, height=16, width=16, num_frames=9, max_sequence_length=16, guidance_scale=1.0)
+    prompt = "red turning blue"
+    base = pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).frames
     pipe.load_lora_weights(fsdp2_run / "lora_saved")
-    tuned = pipe("a red image", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    tuned = pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).frames
     assert np.abs(base - tuned).mean() > 1e-4
