@@ -294,8 +294,14 @@ class FlowGRPOTrainer(GRPOTrainer):
         if self.algorithm.num_terms(inputs) == 0:  # evaluation batches carry no trained steps
             return torch.zeros((), device=self.accelerator.device)
         mode = "train" if self.model.training else "eval"
+        # One backward per term (trained step) unless DeepSpeed, whose engine steps the optimizer at each backward.
         loss, metrics = self.algorithm.loss(
-            model, inputs, self._reference_denoiser, self.accelerator, self.current_gradient_accumulation_steps
+            model,
+            inputs,
+            self._reference_denoiser,
+            self.accelerator,
+            self.current_gradient_accumulation_steps,
+            backward_per_term=not self.is_deepspeed_enabled,
         )
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
