@@ -138,3 +138,53 @@ def test_offloaded_encoders_and_vae_visit_the_device_only_while_used_and_change_
 
 def log_names(log):
     return [name for name, _ in log.moves]
+
+
+def test_the_default_training_pass_backpropagates_each_trained_step_with_the_single_pass_results(
+    tiny_sd3_path, tmp_path, monkeypatch
+):
+    # The trainer's default (train_micro_batch_size unset) backpropagates one trained step at a time; the loss,
+    # gradients and metrics must be those of one backward over all steps (the path the Algorithm still offers).
+    trainer = make_trainer(tiny_sd3_path, tmp_path, beta=0.1)
+    assert trainer.args.train_micro_batch_size is None
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([dict(trainer.train_dataset[i // 4]) for i in range(8)])
+    with torch.no_grad():  # LoRA off zero, off-policy: ratios, clipping and KL are not trivial
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02)
+    num_terms = trainer.algorithm.num_terms(batch)
+    assert num_terms > 1
+
+    trainer.model.zero_grad()
+    loss_single, metrics_single = trainer.algorithm.loss(
+        trainer.model, batch, trainer._reference_denoiser, trainer.accelerator, 1, backward_per_term=False
+    )
+    loss_single.backward()
+    grads_single = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    backward_calls = []
+    backward = trainer.accelerator.backward
+    monkeypatch.setattr(trainer.accelerator, "backward", lambda loss: (backward_calls.append(1), backward(loss)))
+    loss, grads, metrics = _loss_grads_and_metrics(trainer, batch)
+    assert len(backward_calls) == num_terms - 1  # every step but the last; the Trainer backpropagates that one
+    torch.testing.assert_close(loss, loss_single.detach())
+    assert grads.keys() == grads_single.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_single[name], rtol=1e-4, atol=1e-7)
+    assert metrics.keys() == metrics_single.keys()
+    for key in metrics:
+        assert abs(metrics[key] - metrics_single[key]) <= 1e-5 * max(1.0, abs(metrics_single[key])), key
+    assert metrics_single["kl"] > 0 and metrics_single["ratio/max_abs_deviation"] > 0
+
+
+def test_rollout_decodes_in_training_micro_batches_without_changing_an_image(tiny_sd3_path, tmp_path):
+    trainer = make_trainer(tiny_sd3_path, tmp_path, per_device_train_batch_size=3, num_generations=3)
+    latents = torch.randn(7, *trainer.adapter.prepare_latents(1, 32, 32, torch.Generator().manual_seed(0)).shape[1:])
+    decoded = []
+    decode = trainer.adapter.decode_latents
+    trainer.adapter.decode_latents = lambda part: (decoded.append(part.shape[0]), decode(part))[1]
+    sliced = trainer.rollouts.decode(latents)
+    assert decoded == [3, 3, 1]
+    whole = decode(latents)
+    assert [image.tobytes() for image in sliced] == [image.tobytes() for image in whole]

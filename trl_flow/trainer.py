@@ -320,8 +320,14 @@ class FlowGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         if self.args.offload_rollouts:  # the rollout record waited on the CPU (see _generate_and_score_completions)
             inputs = {name: tensor.to(self.accelerator.device) for name, tensor in inputs.items()}
+        # One backward per term (trained step) unless DeepSpeed, whose engine steps the optimizer at each backward.
         loss, metrics = self.algorithm.loss(
-            model, inputs, self._reference_denoiser, self.accelerator, self.current_gradient_accumulation_steps
+            model,
+            inputs,
+            self._reference_denoiser,
+            self.accelerator,
+            self.current_gradient_accumulation_steps,
+            backward_per_term=not self.is_deepspeed_enabled,
         )
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)

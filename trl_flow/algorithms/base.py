@@ -8,8 +8,8 @@ the optimizer step, checkpoints. An algorithm says:
   (methods that re-noise the clean sample themselves: DiffusionNFT, AWM);
 * how it computes its loss on one micro-batch of that record, as a sum of *terms* (one per trained denoising step or
   training timestep), each a mean over the micro-batch's samples (:meth:`Algorithm.term_loss`), so that the trainer
-  can backpropagate term by term and sample slice by sample slice to save memory (`train_micro_batch_size`) without
-  the algorithm knowing;
+  can backpropagate term by term (its default) and sample slice by sample slice (`train_micro_batch_size`) to save
+  memory without the algorithm knowing;
 * which metrics it logs (:meth:`Algorithm.metrics`).
 
 Rollout batches are dicts of batch-first tensors, because TRL shuffles and splits every tensor of a generation batch
@@ -103,20 +103,25 @@ class Algorithm(ABC):
         reference: ReferenceDenoiser,
         accelerator: Any,
         gradient_accumulation_steps: int,
+        backward_per_term: bool = False,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The micro-batch's loss (it has at least one term), the mean of its terms, divided for gradient
         accumulation (TRL's ``loss_is_scaled_for_ga``), and its metrics.
 
-        With ``args.train_micro_batch_size`` (and gradients on), each (term, sample slice) part is backpropagated as
-        soon as it is computed, so only its activations are alive; the last part is returned for the Trainer's own
-        backward pass. Parts are weighted by their share of the batch: gradients, loss and metrics equal those of the
-        single pass."""
+        With ``args.train_micro_batch_size`` or ``backward_per_term`` (and gradients on), each (term, sample slice)
+        part is backpropagated as soon as it is computed, so only its activations are alive (the slice is the whole
+        micro-batch without ``train_micro_batch_size``); the last part is returned for the Trainer's own backward
+        pass. Parts are weighted by their share of the batch: gradients, loss and metrics equal those of the single
+        pass. The trainer asks for ``backward_per_term`` by default (the official loop, too, backpropagates each
+        denoising step): holding the graphs of all trained steps until one backward is what made its peak memory."""
         num_terms = self.num_terms(batch)
         batch_size = batch["advantages"].shape[0]
         scale = 1.0 / num_terms / gradient_accumulation_steps
         stats: LossStats = defaultdict(list)
         prepared = self.prepare(model, batch, reference)
         micro_batch_size = self.args.train_micro_batch_size
+        if micro_batch_size is None and backward_per_term:
+            micro_batch_size = batch_size
         if micro_batch_size is None or not torch.is_grad_enabled():
             total = sum(
                 self.term_loss(model, batch, k, prepared[k] if prepared else None, stats) for k in range(num_terms)
