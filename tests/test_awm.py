@@ -143,11 +143,12 @@ def test_second_update_of_a_batch_is_off_policy_and_the_kl_ema_moves(tiny_sd3_pa
 
 
 def test_learns_a_prompt_conditional_reward(tiny_sd3_path, tmp_path):
+    """As the other learning tests; measured (loaded 2-core machine): 0.0002 -> 0.2435, SE 0.0180 (13.5 SE)."""
     trainer = tiny_trainer(
         tiny_sd3_path,
         tmp_path / "out",
         algorithm="awm",
-        max_steps=100,
+        max_steps=50,
         learning_rate=1e-2,
         train_timesteps=2,
         epsilon=1.0,

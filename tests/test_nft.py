@@ -127,8 +127,16 @@ def test_rollouts_are_ode_samples_of_the_old_policy_and_its_decay_is_applied(tin
 
 
 def test_learns_a_prompt_conditional_reward(tiny_sd3_path, tmp_path):
+    """As the other learning tests; measured (loaded 2-core machine): 0.0002 -> 0.2326, SE 0.0180 (12.9 SE)."""
     trainer = tiny_trainer(
-        tiny_sd3_path, tmp_path / "out", algorithm="nft", max_steps=150, learning_rate=1e-2, train_timesteps=2
+        tiny_sd3_path,
+        tmp_path / "out",
+        algorithm="nft",
+        max_steps=100,
+        learning_rate=1e-2,
+        train_timesteps=2,
+        per_device_train_batch_size=16,  # both prompts' groups in each update, one update per rollout batch
+        steps_per_generation=1,
     )
     before, after, standard_error = prompt_color_before_and_after_training(trainer, 6)
     assert after - before > 4 * standard_error, (before, after, standard_error)
