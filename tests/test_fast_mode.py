@@ -43,3 +43,36 @@ def test_fast_mode_trains(tiny_sd3_path, tmp_path):
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and logged[1]["ratio/max_abs_deviation"] > 0
+
+
+def progressive_sampler(global_step, **overrides):
+    """A RolloutSampler whose trainer has done ``global_step`` optimizer updates (the window needs nothing else)."""
+    from types import SimpleNamespace
+
+    from trl_flow.rollout import RolloutSampler
+
+    settings = dict(
+        num_inference_steps=10,
+        sde_window_size=2,
+        sde_window_range=[0, 9],
+        sde_window_schedule="progressive",
+        sde_window_move_every=3,
+        sde_window_stride=2,
+        seed=0,
+        gradient_accumulation_steps=1,
+        num_trained_steps=2,
+    )
+    args = SimpleNamespace(**{**settings, **overrides})
+    return RolloutSampler(None, args, None, 0, clock=lambda: (global_step, 7 * global_step))
+
+
+def test_progressive_window_moves_every_n_updates_and_wraps():
+    """MixGRPO's schedule: start at the range's low end, move by the stride every N updates, wrap back."""
+    starts = [progressive_sampler(step).trained_steps().start for step in range(16)]
+    assert starts == [0, 0, 0, 2, 2, 2, 4, 4, 4, 6, 6, 6, 8, 8, 8, 0]
+    assert progressive_sampler(4).trained_steps() == range(2, 4)
+    # A function of the update count alone: a run resumed at update 7 continues the same schedule.
+    assert progressive_sampler(7).trained_steps() == progressive_sampler(7, seed=123).trained_steps()
+    # The random window differs from batch to batch instead.
+    random_starts = {progressive_sampler(s, sde_window_schedule="random").trained_steps().start for s in range(16)}
+    assert len(random_starts) > 2

@@ -283,7 +283,7 @@ def test_errors_name_the_reward_as_the_recipe_spelled_it(tmp_path: Path) -> None
     assert func.__name__ == reward_func_name(func) == "r"  # metrics keep the function's name, as in TRL
     assert reward_func_label(func) == "my_rewards.py:r"
 
-    def as_the_trainer_does() -> list[float]:  # trainer._validated_reward: call, then validate by __name__
+    def as_the_trainer_does() -> list[float]:  # rewards.validated_reward_func: call, then validate by __name__
         return validate_rewards(func.__name__, call_reward_func(func, ["a", "b"], [None, None]), 2)
 
     with pytest.raises(UserInputError) as info:

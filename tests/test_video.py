@@ -13,7 +13,7 @@ from PIL import Image
 
 from trl_flow import video
 from trl_flow.callbacks import EvalSample, EvalSamplesCallback, log_samples_to_trackers
-from trl_flow.trainer import _validated_reward
+from trl_flow.rewards import validated_reward_func
 
 
 def make_video(num_frames: int, size: tuple[int, int] = (16, 12)) -> list[Image.Image]:
@@ -30,10 +30,10 @@ def test_a_video_reward_gets_fps_from_the_adapter_or_the_default():
         return [0.0] * len(completions)
 
     videos, images = [make_video(3), make_video(3)], [Image.new("RGB", (4, 4))] * 2
-    _validated_reward(reward, SimpleNamespace(fps=24))(["a", "b"], videos)
-    _validated_reward(reward, SimpleNamespace())(["a", "b"], videos)  # a video family without an fps property
-    _validated_reward(reward, SimpleNamespace())(["a", "b"], images)  # an image family: no fps keyword
-    _validated_reward(reward, SimpleNamespace(fps=8.0))(["a", "b"], videos, fps=30.0)  # an explicit one wins
+    validated_reward_func(reward, SimpleNamespace(fps=24))(["a", "b"], videos)
+    validated_reward_func(reward, SimpleNamespace())(["a", "b"], videos)  # a video family without an fps property
+    validated_reward_func(reward, SimpleNamespace())(["a", "b"], images)  # an image family: no fps keyword
+    validated_reward_func(reward, SimpleNamespace(fps=8.0))(["a", "b"], videos, fps=30.0)  # an explicit one wins
     assert seen == [24.0, video.DEFAULT_FPS, None, 30.0]
     assert isinstance(seen[0], float)
 

@@ -110,6 +110,16 @@ class ParameterEMA:
         self.num_updates = num_updates
 
 
+class AfterStepCallback(TrainerCallback):
+    """Calls ``hook(global_step)`` after every optimizer step (an algorithm's old-policy and EMA updates)."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.hook(state.global_step)
+
+
 class EMACallback(TrainerCallback):
     """Updates a `ParameterEMA` after every ``ema.update_every``-th optimizer step."""
 

@@ -65,7 +65,50 @@ class FlowGRPOConfig(GRPOConfig):
 
     algorithm: str = field(
         default="flow_grpo",
-        metadata={"help": "flow_grpo (Flow-GRPO) or grpo_guard (GRPO-Guard, clip ~2e-6): see trl_flow/algorithms."},
+        metadata={
+            "help": "flow_grpo (Flow-GRPO), grpo_guard (GRPO-Guard, clip ~2e-6), nft (DiffusionNFT) or awm "
+            "(Advantage Weighted Matching): see trl_flow/algorithms and docs/algorithms.md."
+        },
+    )
+    train_guidance_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "CFG of training rollouts and training passes. None: guidance_scale for flow_grpo/grpo_guard, "
+            "1.0 (CFG-free, as their papers) for nft/awm. guidance_scale stays the evaluation's."
+        },
+    )
+    # DiffusionNFT / AWM (forward-process algorithms: ODE rollouts, loss on re-noised final samples)
+    train_timesteps: int | None = field(
+        default=None,
+        metadata={
+            "help": "nft/awm: training timesteps per sample. None: nft int(T * timestep_fraction) of the T grid "
+            "steps; awm every grid index in [1, int(T * timestep_fraction))."
+        },
+    )
+    policy_ema_decay_rate: float | None = field(
+        default=None,
+        metadata={"help": "nft old policy / awm KL-EMA: decay = min(max, rate * (step - delay)). None: 0.001."},
+    )
+    policy_ema_decay_max: float | None = field(
+        default=None, metadata={"help": "The schedule's cap. None: nft 0.5 (decay_type 1), awm 0.3."}
+    )
+    policy_ema_decay_delay: int = field(
+        default=0, metadata={"help": "Optimizer steps with decay 0 first (nft OCR: 75, rate 0.0075, max 0.999)."}
+    )
+    nft_beta: float = field(
+        default=1.0,
+        metadata={"help": "DiffusionNFT's implicit-policy mix beta (not the KL weight `beta`): 1.0; OCR 0.1."},
+    )
+    awm_weighting: str = field(
+        default="ghuber",
+        metadata={"help": "AWM's surrogate -log p = w(l, t): ghuber (default), huber, uniform, t or t2."},
+    )
+    awm_ghuber_power: float = field(default=0.25, metadata={"help": "AWM's generalised-Huber power p (0.25)."})
+    awm_ema_kl_beta: float = field(
+        default=1.0, metadata={"help": "AWM: weight of mean((v - v_ema)^2) to the KL-EMA of the weights (1.0)."}
+    )
+    awm_advantage_max: float = field(
+        default=1.0, metadata={"help": "AWM: advantages scaled to clip(A, +-advantage_clip) / advantage_clip * this."}
     )
     sde_type: str = field(
         default="flow_sde",
@@ -119,6 +162,18 @@ class FlowGRPOConfig(GRPOConfig):
             "(the high-noise half of the schedule, where the official fast recipes put it)."
         },
     )
+    sde_window_schedule: str = field(
+        default="random",
+        metadata={
+            "help": "How the fast-mode window moves: random (Flow-GRPO-Fast: a new start per rollout batch) or "
+            "progressive (MixGRPO: starts at the range's low end, moves by sde_window_stride every "
+            "sde_window_move_every optimizer updates, wraps back)."
+        },
+    )
+    sde_window_move_every: int = field(
+        default=25, metadata={"help": "progressive: optimizer updates per window position (MixGRPO: 25)."}
+    )
+    sde_window_stride: int = field(default=1, metadata={"help": "progressive: steps the window moves by (MixGRPO: 1)."})
     antithetic_sampling: bool = field(
         default=False,
         metadata={
@@ -334,6 +389,12 @@ class FlowGRPOConfig(GRPOConfig):
             (self.ema_update_every >= 1, "ema_update_every must be >= 1"),
             (self.num_frames is None or self.num_frames >= 1, "num_frames must be >= 1 (or unset)"),
             (self.fps is None or self.fps > 0, "fps must be > 0 (or unset)"),
+            (
+                self.sde_window_schedule in ("random", "progressive"),
+                f"sde_window_schedule {self.sde_window_schedule!r}: use 'random' or 'progressive'",
+            ),
+            (self.sde_window_move_every >= 1, "sde_window_move_every must be >= 1"),
+            (self.sde_window_stride >= 1, "sde_window_stride must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

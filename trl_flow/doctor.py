@@ -139,6 +139,67 @@ def check_on_policy_ratio(trainer, batch: dict[str, torch.Tensor]) -> tuple[Chec
     )
 
 
+def check_forward_process_on_policy(trainer, batch: dict[str, torch.Tensor]) -> list[Check]:
+    """What "on-policy" means for the algorithms that train on re-noised final latents (DiffusionNFT, AWM): with the
+    old policy equal to the current one, a constant reward (every advantage 0) gives zero gradient; for AWM also the
+    likelihood ratio of a first pass is 1. Measured on the policy term alone, each old policy by its own forward."""
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    args, algorithm = trainer.args, trainer.algorithm
+    micro_batch = split_tensor_dict(shuffle_sequence_dict(batch), args.steps_per_generation)[0]
+    signs = torch.ones_like(micro_batch["advantages"])
+    signs[1::2] = -1.0
+    parameters = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def gradient_norm(advantages: torch.Tensor) -> tuple[float, dict[str, float]]:
+        with torch.random.fork_rng(devices=[]), algorithm.policy_term_only(), trainer.compute_loss_context_manager():
+            torch.manual_seed(0)  # the same timesteps and noise for both advantages
+            part = dict(micro_batch, advantages=advantages)
+            loss, metrics = algorithm.loss(
+                trainer.model_wrapped, part, trainer._reference_denoiser, trainer.accelerator, 1
+            )
+            trainer.accelerator.backward(loss)
+        norm = math.sqrt(sum(float(p.grad.float().norm() ** 2) for p in parameters if p.grad is not None))
+        trainer.model_wrapped.zero_grad(set_to_none=True)
+        return norm, metrics
+
+    constant, metrics = gradient_norm(torch.zeros_like(signs))
+    moving, _ = gradient_norm(signs)
+    relative = constant / max(moving, 1e-30)
+    status = PASS if relative <= 1e-4 else (WARN if relative <= 1e-2 else FAIL)
+    fixes = _on_policy_fixes(args)
+    checks = [
+        Check(
+            "constant reward: zero gradient",
+            f"|grad| at advantages 0 / at +-1: {relative:.1e} (old policy = current)",
+            status,
+            "" if status == PASS else f"the old and current policies' passes differ.{fixes}",
+        )
+    ]
+    if "ratio/max_abs_deviation" in metrics:
+        deviation = metrics["ratio/max_abs_deviation"]
+        status = PASS if deviation <= 1e-4 else (WARN if deviation <= 1e-3 else FAIL)
+        checks.append(
+            Check(
+                "on-policy ratio, first iteration",
+                f"max |r - 1| {deviation:.2e}, {algorithm.num_timesteps()} timesteps (clip {trainer.epsilon_low:g})",
+                status,
+                "" if status == PASS else f"on-policy ratios must be 1 up to round-off.{fixes}",
+            )
+        )
+    return checks
+
+
+def _on_policy_fixes(args) -> str:
+    """The usual causes of a first pass that differs from the rollout's policy, as fixes."""
+    fix = ""
+    if not args.disable_dropout:
+        fix += " Dropout makes rollout and training passes differ: set disable_dropout true (or lora_dropout 0)."
+    if args.bf16 or args.fp16:
+        fix += " Half precision changes the passes: try fp32."
+    return fix
+
+
 def check_rewards(trainer, inputs: list[dict]) -> list[Check]:
     """Each reward function on one rollout batch of images: one finite value (or None) per image, and its speed."""
     from .errors import UserInputError
@@ -206,6 +267,7 @@ def run_doctor(script_args, training_args, model_args) -> list[Check]:
     training_args.report_to = []
     trainer = build_trainer(script_args, training_args, model_args)
     _make_adapter_nonzero(trainer.model)
+    trainer.algorithm.reset_state()  # old policies / EMAs start from these weights, as from a trained adapter
     inputs = _rollout_inputs(trainer)
     rows = list({row["prompt"]: row for row in inputs}.values())[:2]  # two distinct prompts
     prompts = [row["prompt"] for row in rows]
@@ -215,7 +277,10 @@ def run_doctor(script_args, training_args, model_args) -> list[Check]:
     checks = [check_sampler_matches_pipeline(trainer, prompts, sources)]
     trainer.model.train()  # rollouts run in training mode during `train()`, dropout included
     batch = trainer._generate_and_score_completions(inputs)
-    checks.extend(check_on_policy_ratio(trainer, batch))
+    if trainer.algorithm.deterministic_rollout:
+        checks.extend(check_forward_process_on_policy(trainer, batch))
+    else:
+        checks.extend(check_on_policy_ratio(trainer, batch))
     checks.extend(check_rewards(trainer, inputs))
     ours = effective_quantities(trainer.args, trainer.accelerator.num_processes)
     for key, value in ours.items():

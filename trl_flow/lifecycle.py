@@ -3,8 +3,8 @@ transformers' own (TRL's buffered generation batch and micro-step counter, the E
 
 Checkpoint layout (unchanged since the first release): ``checkpoint-N/`` holds transformers' files (weights,
 optimizer, scheduler, RNG, ``trainer_state.json``), the diffusers LoRA (and ``ema/``), and ours:
-``flow_trainer_state.json``, ``rollout_buffer-<process>.safetensors`` (mid-generation-batch only) and
-``ema_state.safetensors``.
+``flow_trainer_state.json``, ``rollout_buffer-<process>.safetensors`` (mid-generation-batch only),
+``ema_state.safetensors`` and ``algorithm_state.safetensors`` (DiffusionNFT's old policy, AWM's KL-EMA).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ _CHECKPOINT_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 FLOW_STATE_NAME = "flow_trainer_state.json"
 ROLLOUT_BUFFER_NAME = "rollout_buffer-{process}.safetensors"
 EMA_STATE_NAME = "ema_state.safetensors"
+#: The algorithm's state beyond the weights (DiffusionNFT's old policy, AWM's KL-EMA), when it has any.
+ALGORITHM_STATE_NAME = "algorithm_state.safetensors"
 #: Sub-folder (of a checkpoint or the final output) with the EMA weights in diffusers format.
 EMA_DIR = "ema"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -173,9 +175,10 @@ def save_flow_state(
     num_processes: int,
     should_save: bool,
     ema: Any | None,
+    algorithm: Any | None = None,
 ) -> None:
     """TRL's micro-step counter, the buffered generation batch (mid-buffer only; tensors as safetensors, one file
-    per process) and the EMA state."""
+    per process), the EMA state and the algorithm's (`Algorithm.state_dict`)."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     buffered = buffered_inputs is not None and micro_step % generate_every != 0
     if buffered:
@@ -195,14 +198,35 @@ def save_flow_state(
         }
         if ema is not None:
             save_file(ema.state_dict(), os.path.join(checkpoint_dir, EMA_STATE_NAME))
+        algorithm_state = algorithm.state_dict() if algorithm is not None else {}
+        if algorithm_state:
+            tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in algorithm_state.items()}
+            save_file(tensors, os.path.join(checkpoint_dir, ALGORITHM_STATE_NAME))
         Path(checkpoint_dir, FLOW_STATE_NAME).write_text(json.dumps(state, indent=1))
 
 
 def load_flow_state(
-    checkpoint: str, *, process_index: int, num_processes: int, device: torch.device, ema: Any | None
+    checkpoint: str,
+    *,
+    process_index: int,
+    num_processes: int,
+    device: torch.device,
+    ema: Any | None,
+    algorithm: Any | None = None,
 ) -> tuple[int, list[dict] | None] | None:
-    """Restore what `save_flow_state` wrote: ``(micro_step, buffered_inputs)``, the EMA loaded in place; None (and
-    the EMA reset) for a checkpoint without our state."""
+    """Restore what `save_flow_state` wrote: ``(micro_step, buffered_inputs)``, the EMA and the algorithm's state
+    loaded in place; None (and both restarted from the loaded weights) for a checkpoint without our state."""
+    if algorithm is not None:
+        algorithm_path = Path(checkpoint, ALGORITHM_STATE_NAME)
+        if algorithm_path.is_file():
+            algorithm.load_state_dict(load_file(str(algorithm_path), device=str(device)))
+        else:
+            if algorithm.state_dict():
+                logger.warning(
+                    f"{checkpoint} has no {ALGORITHM_STATE_NAME}: the algorithm's old policy / EMA restarts from "
+                    "the loaded weights, so the resumed run may differ from an uninterrupted one"
+                )
+            algorithm.reset_state()
     path = Path(checkpoint, FLOW_STATE_NAME)
     if not path.is_file():
         logger.warning(

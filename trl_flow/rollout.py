@@ -100,21 +100,32 @@ class RolloutSampler:
 
     def trained_steps(self) -> range:
         """Which denoising steps of this rollout batch are trained: the first `num_trained_steps` (the paper), or in
-        fast mode a window of `sde_window_size` steps whose start slides over `sde_window_range` from batch to batch
-        (the same on every process, reproducible from the seed and the step)."""
+        fast mode a window of `sde_window_size` steps whose start lies in `sde_window_range`. With
+        `sde_window_schedule` "random" (Flow-GRPO-Fast) the start is drawn anew for each batch; with "progressive"
+        (MixGRPO) it starts at the range's low end and moves by `sde_window_stride` every `sde_window_move_every`
+        optimizer updates, wrapping back to the low end. Either way it is the same on every process and a function
+        of the seed and the trainer's counters only, so a resumed run keeps the schedule."""
         args = self.args
         if not args.sde_window_size:
             return range(args.num_trained_steps)
         low, high = args.sde_window_range or (0, args.num_inference_steps // 2)
-        high = min(high, args.num_inference_steps - args.sde_window_size + 1)
-        generator = torch.Generator().manual_seed(args.seed + _STEP_SEED_STRIDE * (self._micro_step() + 1))
-        start = int(torch.randint(low, max(high, low + 1), (1,), generator=generator))
+        high = max(min(high, args.num_inference_steps - args.sde_window_size + 1), low + 1)
+        if args.sde_window_schedule == "progressive":
+            global_step, _ = self.clock()
+            starts = range(low, high, args.sde_window_stride)
+            start = starts[(global_step // args.sde_window_move_every) % len(starts)]
+        else:
+            generator = torch.Generator().manual_seed(args.seed + _STEP_SEED_STRIDE * (self._micro_step() + 1))
+            start = int(torch.randint(low, high, (1,), generator=generator))
         return range(start, start + args.sde_window_size)
 
     # ------------------------------------------------------------------------------------------- sampling
-    def conditioning(self, prompts: list[str], condition_images: list | None = None) -> Conditioning:
+    def conditioning(
+        self, prompts: list[str], condition_images: list | None = None, guidance_scale: float | None = None
+    ) -> Conditioning:
         """Conditioning for each sample, encoded once per distinct prompt (groups repeat each prompt), or once per
-        distinct (prompt, source image) pair for image-conditioned families."""
+        distinct (prompt, source image) pair for image-conditioned families; for CFG at ``guidance_scale`` (default
+        the config's)."""
         keys = (
             list(prompts)
             if condition_images is None
@@ -128,7 +139,7 @@ class RolloutSampler:
             encoded = self.adapter.encode_conditioning(
                 [prompts[first[key]] for key in unique],
                 self.args.negative_prompt,
-                self.args.guidance_scale,
+                self.args.guidance_scale if guidance_scale is None else guidance_scale,
                 self.args.max_sequence_length,
                 condition_images=images,
             )
@@ -147,12 +158,15 @@ class RolloutSampler:
         generator: torch.Generator | list[torch.Generator],
         antithetic: bool = False,
         with_means: bool = False,
+        guidance_scale: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Denoise one batch; return the final latents and, per trained step, what the loss needs. ``generator`` may
         be one generator per image (noise independent of how the batch is split over processes and chunks).
         ``antithetic``: images 2k and 2k+1 start from the same noise and take mirrored SDE noise (eps, -eps).
-        ``with_means``: also record each trained step's mean as ``old_means``."""
+        ``with_means``: also record each trained step's mean as ``old_means``. ``guidance_scale``: the CFG scale
+        (default the config's)."""
         args = self.args
+        guidance_scale = args.guidance_scale if guidance_scale is None else guidance_scale
         sigmas = self.adapter.sigmas(num_steps, args.height, args.width)
         batch_size = next(iter(conditioning.values())).shape[0]
         if antithetic:
@@ -167,7 +181,7 @@ class RolloutSampler:
             record["old_means"] = []
         for i in range(num_steps):
             sigma = sigmas[i].expand(batch_size)
-            velocity = self.adapter.predict_velocity(denoiser, latents, sigma, conditioning, args.guidance_scale)
+            velocity = self.adapter.predict_velocity(denoiser, latents, sigma, conditioning, guidance_scale)
             # Fast mode (sde_window_size > 0): the SDE only inside the trained window, the ODE elsewhere.
             step_noise = noise_level if (i in trained_steps or not args.sde_window_size) else 0.0
             eps = None
@@ -224,6 +238,7 @@ class RolloutSampler:
         antithetic: bool = False,
         record: RolloutRecord = "trajectory",
         condition_images: list | None = None,
+        guidance_scale: float | None = None,
     ) -> tuple[list, dict[str, torch.Tensor], Conditioning]:
         """Completions, the per-sample record (see `RolloutRecord`) and conditioning for ``prompts``, in chunks of
         ``rollout_batch_size``.
@@ -231,8 +246,9 @@ class RolloutSampler:
         ``on_chunk_decoded(start, completions)`` is called as soon as a chunk's completions exist (to score them
         while the next chunk denoises). With ``sample_offset`` (the index of ``prompts[0]`` in the global batch),
         image ``i`` draws its noise from its own generator seeded ``seed + sample_offset + i``. ``condition_images``:
-        one source image per prompt, for image-conditioned families."""
-        conditioning = self.conditioning(prompts, condition_images)
+        one source image per prompt, for image-conditioned families. ``guidance_scale``: the CFG scale of the
+        rollout (default the config's ``guidance_scale``; the trainer passes the algorithm's for training)."""
+        conditioning = self.conditioning(prompts, condition_images, guidance_scale)
         chunk = self.args.rollout_batch_size or len(prompts)
         if sample_offset is None:
             generator = torch.Generator().manual_seed(seed)
@@ -252,6 +268,7 @@ class RolloutSampler:
                     generators,
                     antithetic,
                     with_means=record == "trajectory_with_means",
+                    guidance_scale=guidance_scale,
                 )
                 chunk_completions = self.decode(final_latents)
                 if on_chunk_decoded is not None:

@@ -32,7 +32,14 @@ from trl.trainer.utils import RepeatSampler
 
 from .algorithms import CONDITIONING_PREFIX, Algorithm, build_algorithm
 from .algorithms.advantages import group_relative_advantages, reward_metrics, weighted_rewards
-from .callbacks import EMACallback, EvalSample, EvalSamplesCallback, ParameterEMA, RewardCurveCallback
+from .callbacks import (
+    AfterStepCallback,
+    EMACallback,
+    EvalSample,
+    EvalSamplesCallback,
+    ParameterEMA,
+    RewardCurveCallback,
+)
 from .config import FlowGRPOConfig
 from .data import SOURCE_IMAGES_COLUMN, require_source_images
 from .errors import UserInputError
@@ -50,26 +57,10 @@ from .models import FlowModelAdapter, adapter_for_pipeline
 from .models.loading import load_pipeline
 from .offload import FrozenModules
 from .policy import DiffusionPolicy
-from .rewards import call_reward_func, resolve_reward_funcs, reward_func_label, validate_rewards
+from .rewards import resolve_reward_funcs, validated_reward_func
 from .rollout import RolloutSampler
 from .sde import SDEStepOutput
 from .trackers import check_trackers_installed
-from .video import reward_fps
-
-
-def _validated_reward(func, adapter=None):
-    """Wrap a reward function so that a crash, a wrong count or a NaN is a clear error, never a silent 0; for a
-    video family, the call also gets the frame rate as ``fps`` (`trl_flow.video.reward_fps`)."""
-
-    @functools.wraps(func)
-    def reward(prompts, completions, **kwargs):
-        fps = reward_fps(adapter, completions)
-        if fps is not None:
-            kwargs.setdefault("fps", fps)
-        values = call_reward_func(func, prompts, completions, **kwargs)
-        return validate_rewards(reward_func_label(func), values, len(completions))
-
-    return reward
 
 
 class FlowGRPOTrainer(GRPOTrainer):
@@ -120,7 +111,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         # Full fine-tuning trains every denoiser weight; with PEFT, get_peft_model freezes the base itself.
         policy.requires_grad_(peft_config is None)
 
-        reward_funcs = [_validated_reward(f, self.adapter) for f in resolve_reward_funcs(reward_funcs)]
+        reward_funcs = [validated_reward_func(f, self.adapter) for f in resolve_reward_funcs(reward_funcs)]
         if self.adapter.takes_condition_images:  # editing: every row needs its source image
             train_dataset = require_source_images(train_dataset, "train_dataset")
             eval_dataset = require_source_images(eval_dataset, "eval_dataset")
@@ -205,6 +196,8 @@ class FlowGRPOTrainer(GRPOTrainer):
         if mode == "train":
             num_steps, noise_level = args.num_inference_steps, args.noise_level
             trained_steps = self.rollouts.trained_steps()
+            if self.algorithm.deterministic_rollout:  # NFT/AWM: an ODE rollout, only its final latents kept
+                noise_level, trained_steps = 0.0, range(0)
         else:
             num_steps, noise_level, trained_steps = args.eval_num_inference_steps, 0.0, range(0)
         rollout = functools.partial(
@@ -217,12 +210,15 @@ class FlowGRPOTrainer(GRPOTrainer):
             self.rollouts.seed(mode),
             sample_offset=self.rollouts.sample_offset(len(prompts)),
             antithetic=mode == "train" and args.antithetic_sampling,
-            record=self.algorithm.rollout_record,
+            record=self.algorithm.rollout_record if mode == "train" else "trajectory",
+            guidance_scale=self.algorithm.guidance_scale if mode == "train" else None,
             # Editing: each row's source image (a group repeats its row, so it shares one and is encoded once).
             condition_images=(
                 [row[SOURCE_IMAGES_COLUMN] for row in inputs] if self.adapter.takes_condition_images else None
             ),
         )
+        # Training rollouts sample the algorithm's sampling policy (DiffusionNFT: its old policy).
+        sampling = self.algorithm.sampling_weights() if mode == "train" else contextlib.nullcontext()
         if args.async_rewards:
             # Score each chunk in a worker thread while the next chunk denoises (as the official code overlaps
             # rewards with sampling); one gather over processes at the end, as in the synchronous path.
@@ -233,10 +229,12 @@ class FlowGRPOTrainer(GRPOTrainer):
                     rows = inputs[start : start + len(chunk_images)]
                     futures.append(executor.submit(self._score_locally, rows, chunk_images))
 
-                images, batch, conditioning = rollout(on_chunk_decoded=score)
+                with sampling:
+                    images, batch, conditioning = rollout(on_chunk_decoded=score)
                 rewards_per_func = gather(torch.cat([future.result() for future in futures]))
         else:
-            images, batch, conditioning = rollout()
+            with sampling:
+                images, batch, conditioning = rollout()
             rewards_per_func = self._calculate_rewards(inputs, prompts, images, [None] * len(prompts))
         advantages = self._advantages_and_reward_metrics(rewards_per_func, mode)
         process_slice = slice(
@@ -348,6 +346,11 @@ class FlowGRPOTrainer(GRPOTrainer):
             ]
             self.ema = ParameterEMA(trainable, self.args.ema_decay, self.args.ema_update_every)
             self.add_callback(EMACallback(self.ema))
+        # The algorithm's own copies of the weights (DiffusionNFT's old policy, AWM's KL-EMA), moved after updates.
+        self.algorithm.bind(
+            [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
+        )
+        self.add_callback(AfterStepCallback(self.algorithm.after_optimizer_step))
         self.add_callback(EvalSamplesCallback(self))
         self.add_callback(RewardCurveCallback())
         # The reward-hacking guard: added when the config asks for it, and bound to this trainer (whose images it
@@ -437,7 +440,8 @@ class FlowGRPOTrainer(GRPOTrainer):
         save_checkpoint_atomically(self, trial)
 
     def _save_flow_state(self, checkpoint_dir: str) -> None:
-        """TRL's micro-step counter, its buffered generation batch and the EMA (`trl_flow.lifecycle`)."""
+        """TRL's micro-step counter, its buffered generation batch, the EMA and the algorithm's state
+        (`trl_flow.lifecycle`)."""
         save_flow_state(
             checkpoint_dir,
             micro_step=self._step,
@@ -447,6 +451,7 @@ class FlowGRPOTrainer(GRPOTrainer):
             num_processes=self.accelerator.num_processes,
             should_save=self.args.should_save,
             ema=self.ema,
+            algorithm=self.algorithm,
         )
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
@@ -460,6 +465,7 @@ class FlowGRPOTrainer(GRPOTrainer):
             num_processes=self.accelerator.num_processes,
             device=self.accelerator.device,
             ema=self.ema,
+            algorithm=self.algorithm,
         )
         if restored is not None:
             self._step, self._buffered_inputs = restored

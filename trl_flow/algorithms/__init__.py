@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserInputError
+from .awm import AWM
 from .base import CONDITIONING_PREFIX, Algorithm, LossStats, ReferenceDenoiser, conditioning_of
 from .flow_grpo import FlowGRPO
 from .grpo_guard import GRPOGuard
+from .nft import DiffusionNFT
 
 #: Algorithms by their ``algorithm`` config value.
-ALGORITHMS: dict[str, type[Algorithm]] = {FlowGRPO.name: FlowGRPO, GRPOGuard.name: GRPOGuard}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    algorithm.name: algorithm for algorithm in (FlowGRPO, GRPOGuard, DiffusionNFT, AWM)
+}
 
 
 def build_algorithm(args: Any, adapter: Any) -> Algorithm:
@@ -22,7 +26,8 @@ def build_algorithm(args: Any, adapter: Any) -> Algorithm:
 
 
 def check_algorithm_args(args: Any) -> None:
-    """``algorithm`` and ``sde_type`` name known ones that go together, and ``noise_level`` suits the SDE."""
+    """``algorithm`` and ``sde_type`` name known ones that go together, ``noise_level`` suits the SDE, and the
+    algorithm's own keys are valid (its ``check_args``)."""
     from ..sde import SDE_TYPES
 
     if args.algorithm not in ALGORITHMS:
@@ -39,12 +44,15 @@ def check_algorithm_args(args: Any) -> None:
             f"noise_level {args.noise_level} with sde_type cps: CPS's noise angle is noise_level * pi / 2, so "
             "noise_level must be in (0, 1] (official: 0.8)"
         )
+    ALGORITHMS[args.algorithm].check_args(args)
 
 
 __all__ = [
     "ALGORITHMS",
+    "AWM",
     "CONDITIONING_PREFIX",
     "Algorithm",
+    "DiffusionNFT",
     "FlowGRPO",
     "GRPOGuard",
     "LossStats",

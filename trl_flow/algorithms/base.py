@@ -64,12 +64,51 @@ class Algorithm(ABC):
     rollout_record: ClassVar[Literal["trajectory", "trajectory_with_means", "final_latents"]] = "trajectory"
     #: the ``sde_type`` values the algorithm's objective is valid for (None: any).
     sde_types: ClassVar[tuple[str, ...] | None] = None
+    #: whether the objective is derived without CFG (DiffusionNFT, AWM): training rollouts and passes then run at
+    #: guidance 1 unless ``train_guidance_scale`` says otherwise.
+    cfg_free: ClassVar[bool] = False
 
     def __init__(self, args: Any, adapter: FlowModelAdapter) -> None:
         self.args = args
         self.adapter = adapter
         #: the weight of the penalty towards the reference policy (GRPO's ``beta``; 0: no reference is used)
         self.beta = args.beta
+        explicit = getattr(args, "train_guidance_scale", None)
+        #: the CFG scale of training rollouts and training passes (evaluation keeps ``args.guidance_scale``)
+        self.guidance_scale = explicit if explicit is not None else (1.0 if self.cfg_free else args.guidance_scale)
+
+    @classmethod  # noqa: B027 (an optional hook)
+    def check_args(cls, args: Any) -> None:
+        """Validate the algorithm's own config keys (`check_algorithm_args` calls it): a `UserInputError` naming the
+        key. Nothing to check by default."""
+
+    @property
+    def deterministic_rollout(self) -> bool:
+        """Whether training rollouts are deterministic (ODE, ``noise_level`` unused): the algorithms that record only
+        final latents re-noise them with the forward process themselves."""
+        return self.rollout_record == "final_latents"
+
+    # State beyond the trained weights (old policies, EMAs): the trainer binds the trained parameters once, calls
+    # `after_optimizer_step` after every update and checkpoints `state_dict` (trl_flow.lifecycle).
+    def bind(self, named_parameters: list[tuple[str, torch.nn.Parameter]]) -> None:  # noqa: B027 (an optional hook)
+        """Called once by the trainer with the trained parameters (for algorithms that keep copies of them)."""
+
+    def reset_state(self) -> None:  # noqa: B027 (an optional hook)
+        """Restart any state kept beside the weights from the current weights (a resume without saved state)."""
+
+    def after_optimizer_step(self, global_step: int) -> None:  # noqa: B027 (an optional hook)
+        """Called after every optimizer update, ``global_step`` being the number of updates done."""
+
+    def sampling_weights(self) -> contextlib.AbstractContextManager:
+        """Within the block the policy holds the weights training rollouts sample with (default: its own)."""
+        return contextlib.nullcontext()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors an exact resume needs beyond the trained weights (none by default)."""
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027 (an optional hook)
+        """Restore what `state_dict` returned."""
 
     @abstractmethod
     def num_terms(self, batch: dict[str, torch.Tensor]) -> int:

@@ -55,7 +55,7 @@ class FlowGRPO(Algorithm):
     """Flow-GRPO's objective on the recorded SDE trajectory of the trained denoising steps.
 
     The clip range of the per-step ratio is TRL's: ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high`` defaults to
-    ``epsilon``); ``beta`` weighs the KL; ``noise_level`` and ``guidance_scale`` are the rollout's.
+    ``epsilon``); ``beta`` weighs the KL; ``noise_level`` and the guidance scale are the rollout's.
     """
 
     name = "flow_grpo"
@@ -70,9 +70,7 @@ class FlowGRPO(Algorithm):
         """The ``k``-th trained step of ``batch`` recomputed by ``denoiser``: its mean, std and the log-prob of the
         recorded next latent (the training pass; `trl-flow doctor` uses it for the on-policy ratio)."""
         latents, sigma = batch["latents"][:, k], batch["sigmas"][:, k]
-        velocity = self.adapter.predict_velocity(
-            denoiser, latents, sigma, conditioning_of(batch), self.args.guidance_scale
-        )
+        velocity = self.adapter.predict_velocity(denoiser, latents, sigma, conditioning_of(batch), self.guidance_scale)
         return sde_step_with_logprob(
             velocity,
             sigma,

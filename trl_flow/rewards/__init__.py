@@ -22,6 +22,7 @@ from trl_flow.rewards.resolve import (
     reward_func_label,
     reward_func_name,
     validate_rewards,
+    validated_reward_func,
 )
 from trl_flow.rewards.server import RewardServer, main_serve_reward, serve_reward
 
@@ -40,4 +41,5 @@ __all__ = [
     "reward_func_name",
     "serve_reward",
     "validate_rewards",
+    "validated_reward_func",
 ]

@@ -346,6 +346,22 @@ def call_reward_func(
     return call_reward_func_named(reward_func_label(func), func, prompts, completions, **kwargs)
 
 
+def validated_reward_func(func: Callable[..., Any], adapter: Any = None) -> Callable[..., list[float]]:
+    """``func`` wrapped the way the trainer calls it: a crash, a wrong count or a NaN is a clear error, never a silent
+    0; for a video family, the call also gets the frame rate as ``fps`` (`trl_flow.video.reward_fps`)."""
+    from trl_flow.video import reward_fps
+
+    @functools.wraps(func)
+    def reward(prompts: list[str], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        fps = reward_fps(adapter, completions)
+        if fps is not None:
+            kwargs.setdefault("fps", fps)
+        values = call_reward_func(func, prompts, completions, **kwargs)
+        return validate_rewards(reward_func_label(func), values, len(completions))
+
+    return reward
+
+
 def call_reward_func_named(
     name: str, func: Callable[..., Any], prompts: Sequence[Any], completions: Sequence[Any], /, **kwargs: Any
 ) -> Any:
