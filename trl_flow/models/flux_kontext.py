@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..errors import UserInputError
 from .base import Conditioning, DenoiserCall
 from .flux import FluxAdapter, flux_image_ids
 from .packed import pack_latents, unpack_latents
@@ -56,7 +57,10 @@ class FluxKontextAdapter(FluxAdapter):
         condition_images: Sequence[Any] | None = None,
     ) -> Conditioning:
         if condition_images is None or len(condition_images) != len(prompts):
-            raise ValueError(f"FLUX.1 Kontext edits a source image: give one per prompt ({len(prompts)})")
+            raise UserInputError(
+                f"FLUX.1 Kontext edits a source image: give each of the {len(prompts)} prompts one (the dataset's "
+                "image column)"
+            )
         conditioning = self.encode_prompts(prompts, negative_prompt, guidance_scale, max_sequence_length)
         conditioning["image_latents"] = self.encode_source_images(condition_images, conditioning["prompt_embeds"].dtype)
         return conditioning

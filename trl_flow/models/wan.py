@@ -348,12 +348,7 @@ class WanAdapter(FlowModelAdapter):
             prefix = name + "."
             layers = {key[len(prefix) :]: value for key, value in lora_state_dict.items() if key.startswith(prefix)}
             folder = output_dir if name == "transformer" else os.path.join(output_dir, name)
-            type(self.pipeline).save_lora_weights(
-                folder,
-                transformer_lora_layers=layers,
-                transformer_lora_adapter_metadata=lora_config,
-                safe_serialization=True,
-            )
+            super().save_lora_weights(folder, layers, lora_config)
 
     def reference_images(
         self,
