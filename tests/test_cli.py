@@ -66,11 +66,33 @@ def tiny_run(tiny_sd3_path, tmp_path_factory):
         "1",
         "--learning_rate",
         "0.05",  # high, so that 4 steps visibly move the LoRA
+        "--compare_to_base",
+        "true",
         "--output_dir",
         output_dir,
     )
     assert result.returncode == 0, describe(result)
     return result, output_dir
+
+
+COMPARISON_LINE = re.compile(
+    r"^prompt_color: base (-?\d+\.\d{3}) -> trained (-?\d+\.\d{3}) \(mean\); gain ([+-]\d+\.\d{3}) \+- "
+    r"(\d+\.\d{3})",
+    re.MULTILINE,
+)
+
+
+def test_compare_to_base_prints_both_scores_and_writes_the_captioned_grid(tiny_run):
+    result, output_dir = tiny_run
+    match = COMPARISON_LINE.search(result.stdout)
+    assert match, describe(result)
+    base, trained, gain, _ = map(float, match.groups())
+    assert gain == pytest.approx(trained - base, abs=2e-3)
+    assert base != trained  # 4 updates at lr 0.05 move the policy
+    assert "held-out prompts: " in result.stdout
+    assert_png(output_dir / "comparison.png")
+    with Image.open(output_dir / "comparison.png") as grid:
+        assert grid.width == 4 * 160  # one column per held-out prompt of the tiny set (4), tiles of 160 px
 
 
 REWARD_FILE = """

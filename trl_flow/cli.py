@@ -64,7 +64,23 @@ def _train(script_args, training_args, model_args) -> int:
     print(summarize_rewards(trainer.state.log_history))
     print(f"LoRA / model, trainer_state.json: {output_dir}")
     print(f"reward curve: {curve}\nsample grid: {grid}")
+    if script_args.compare_to_base:
+        _compare_to_base(trainer, script_args, output_dir)
     return 0
+
+
+def _compare_to_base(trainer, script_args, output_dir: Path) -> None:
+    """Base vs trained on the test split (`compare_to_base`): the summary lines and comparison.png."""
+    from .comparison import compare_with_base, save_comparison_grid
+
+    comparison = compare_with_base(
+        trainer,
+        trainer.test_split,
+        images_per_prompt=script_args.compare_images_per_prompt,
+        base_guidance_scale=script_args.compare_base_guidance_scale,
+    )
+    print("\n".join(comparison.summary_lines()))
+    print(f"base vs trained images: {save_comparison_grid(comparison, output_dir / 'comparison.png')}")
 
 
 def summarize_rewards(log_history: list[dict]) -> str:

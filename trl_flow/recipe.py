@@ -56,6 +56,22 @@ class FlowScriptArguments:
     model_family: str | None = field(
         default=None, metadata={"help": "Force a model adapter (e.g. sd3) instead of detecting it."}
     )
+    compare_to_base: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, draw the test split's prompts with the base model and the trained policy from "
+            "the same seeds (ODE), print both scores per reward (per tag with a `tag` column) and write "
+            "comparison.png, each tile captioned with its prompt and rewards."
+        },
+    )
+    compare_images_per_prompt: int = field(default=1, metadata={"help": "compare_to_base: images per test prompt."})
+    compare_base_guidance_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "compare_to_base: the base model's CFG scale (default guidance_scale), e.g. 4 when the policy "
+            "was trained and is evaluated CFG-free: the base counts at its best setting."
+        },
+    )
 
 
 def parser():
@@ -160,9 +176,12 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_datasets(script_args, training_args):
+def load_datasets(script_args, training_args, with_test_split: bool = False):
+    """``(train, evaluation)`` datasets of a run; evaluation is None unless the run evaluates or
+    ``with_test_split`` (compare_to_base also reads the test split)."""
     from .data import TINY_EVAL_PROMPTS_PATH, TINY_PROMPTS_PATH, TINY_VIDEO_PROMPTS_PATH, load_prompt_dataset
 
+    wants_eval = training_args.eval_strategy != "no" or training_args.eval_on_start or with_test_split
     if script_args.dataset_name is None:
         raise UserInputError("no prompts: set dataset_name in the recipe or with --dataset_name")
     if script_args.dataset_name == "trl-flow/tiny-prompts":
@@ -187,9 +206,8 @@ def load_datasets(script_args, training_args):
         )
         train = load_prompt_dataset(name, split=script_args.dataset_train_split, **load)
         evaluation = None
-        if training_args.eval_strategy != "no" or training_args.eval_on_start:
+        if wants_eval:
             evaluation = load_prompt_dataset(name, split=script_args.dataset_test_split, **load)
-    wants_eval = training_args.eval_strategy != "no" or training_args.eval_on_start
     return train, (evaluation if wants_eval else None)
 
 
@@ -205,12 +223,16 @@ def build_trainer(script_args, training_args, model_args):
     # Everything the user typed is checked before the long model load and before any output is written.
     check_hub_access(training_args)
     reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
-    train_dataset, eval_dataset = load_datasets(script_args, training_args)
+    train_dataset, eval_dataset = load_datasets(script_args, training_args, script_args.compare_to_base)
+    if training_args.eval_strategy == "no" and not training_args.eval_on_start:
+        eval_dataset, test_split = None, eval_dataset  # read for compare_to_base only
+    else:
+        test_split = eval_dataset
     check_trackers_installed(training_args.report_to)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else None
     pipeline = load_pipeline(resolve_model(model_args.model_name_or_path), dtype=dtype)
     adapter = adapter_for_pipeline(pipeline, script_args.model_family)
-    return FlowGRPOTrainer(
+    trainer = FlowGRPOTrainer(
         model=pipeline,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -219,6 +241,8 @@ def build_trainer(script_args, training_args, model_args):
         peft_config=peft_config_for(model_args, adapter),
         model_family=script_args.model_family,
     )
+    trainer.test_split = test_split  # compare_to_base's prompts (None unless evaluating or comparing)
+    return trainer
 
 
 def describe_setup(trainer) -> str:

@@ -36,6 +36,46 @@ def save_sample_grid(
     return _write_atomically(lambda p: grid.save(p, format="PNG"), Path(path))
 
 
+def save_captioned_grid(
+    images: list[Image.Image], captions: list[str], path: str | os.PathLike, columns: int, tile: int = 160
+) -> Path:
+    """Tile ``images`` into one PNG, ``columns`` per row, each enlarged to ``tile`` pixels (nearest neighbour) with
+    its caption (wrapped; lines split at ``\\n``) printed below it."""
+    from PIL import ImageDraw, ImageFont
+
+    if not images or len(images) != len(captions):
+        raise ValueError(f"need one caption per image, got {len(images)} images and {len(captions)} captions")
+    font = ImageFont.load_default(size=11)
+    wrapped = [_wrap(caption, font, tile - 6) for caption in captions]
+    line_height = 13
+    text_height = line_height * max(len(lines) for lines in wrapped) + 6
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * tile, rows * (tile + text_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (image, lines) in enumerate(zip(images, wrapped, strict=True)):
+        x, y = (index % columns) * tile, (index // columns) * (tile + text_height)
+        grid.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (x, y))
+        for k, line in enumerate(lines):
+            draw.text((x + 3, y + tile + 3 + k * line_height), line, fill="black", font=font)
+    return _write_atomically(lambda p: grid.save(p, format="PNG"), Path(path))
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels in ``font`` (words kept whole)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}".strip()
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
 def save_reward_curve(log_history: list[dict], path: str | os.PathLike) -> Path:
     """Plot ``reward`` (and ``eval_reward`` when present) against the step from a Trainer's log history."""
     import matplotlib

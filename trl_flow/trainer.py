@@ -175,16 +175,22 @@ class FlowGRPOTrainer(GRPOTrainer):
         noise_level: float = 0.0,
         seed: int = 0,
         condition_images: list | None = None,
+        guidance_scale: float | None = None,
+        denoiser=None,
     ) -> list:
-        """Sample images of the current policy for ``prompts`` (ODE by default, ``eval_num_inference_steps``), with
-        one source image per prompt for an image-editing family.
+        """Sample images of the current policy (or of ``denoiser``) for ``prompts`` (ODE by default,
+        ``eval_num_inference_steps``, CFG ``guidance_scale`` or the config's), with one source image per prompt for
+        an image-editing family.
 
         Deterministic for a ``seed``: the same seed gives the same initial noise, so images before and after
         training can be compared one to one.
         """
         num_steps = num_inference_steps or self.args.eval_num_inference_steps
-        rollout = functools.partial(self.rollouts.rollout, condition_images=condition_images)
-        images, _, _ = rollout(self._denoiser_for_generation, prompts, num_steps, noise_level, range(0), seed)
+        rollout = functools.partial(
+            self.rollouts.rollout, condition_images=condition_images, guidance_scale=guidance_scale
+        )
+        source = self._denoiser_for_generation if denoiser is None else lambda: contextlib.nullcontext(denoiser)
+        images, _, _ = rollout(source, prompts, num_steps, noise_level, range(0), seed)
         return images
 
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,14 @@ from typing import Any
 
 from trl_flow.models.sd3 import SD3_ADALN_LORA_TARGETS, SD3Adapter
 
-__all__ = ["MINI_GRPO_SETTINGS", "MINI_LORA", "MINI_REWARDS", "MINI_REWARD_WEIGHTS", "make_mini_trainer"]
+__all__ = [
+    "MINI_ALGORITHM_SETTINGS",
+    "MINI_GRPO_SETTINGS",
+    "MINI_LORA",
+    "MINI_REWARDS",
+    "MINI_REWARD_WEIGHTS",
+    "make_mini_trainer",
+]
 
 MINI_REWARDS: tuple[str, ...] = ("reward_funcs.mini_geneval:mini_geneval_partial", "mini_geneval")
 """The rewards: mini-GenEval with partial credit (trained on: a denser signal than the strict 0/1 score) and the
@@ -51,18 +58,35 @@ MINI_GRPO_SETTINGS: dict[str, Any] = {
 """FlowGRPOConfig values of the recipe (beyond output/logging keys)."""
 
 
+_SHARED_FORWARD_PROCESS: dict[str, Any] = {
+    "guidance_scale": 1.0,  # evaluation CFG: these two train CFG-free (train_guidance_scale None -> 1.0)
+    "beta": 1e-4,
+}
+
+MINI_ALGORITHM_SETTINGS: dict[str, dict[str, Any]] = {
+    "flow_grpo": {"algorithm": "flow_grpo"},
+    "grpo_guard": {"algorithm": "grpo_guard", "epsilon": 2e-6, "learning_rate": 1e-3},
+    "nft": {**_SHARED_FORWARD_PROCESS, "algorithm": "nft", "learning_rate": 3e-4},
+    "awm": {**_SHARED_FORWARD_PROCESS, "algorithm": "awm", "learning_rate": 3e-4, "epsilon": 1.0},
+}
+"""Overrides of :data:`MINI_GRPO_SETTINGS` per algorithm for the mini-GenEval race (``benchmarks/mini_geneval.py``):
+the best settings found (docs/mini_geneval.md says what was tried). ``guidance_scale`` is the evaluation's CFG."""
+
+
 def make_mini_trainer(
     output_dir: str | os.PathLike,
     model_path: str | os.PathLike | None = None,
     reward_funcs: Sequence[Any] = MINI_REWARDS,
     train_split: str = "train",
     train_dataset: Any = None,
+    balance_tags: bool = False,
     **overrides: Any,
 ):
     """A :class:`~trl_flow.trainer.FlowGRPOTrainer` on the mini model and the shipped train prompts.
 
     ``train_dataset`` (a ``datasets.Dataset`` with ``prompt`` / ``tag`` / ``include`` columns) replaces the shipped
-    ``train_split`` prompts; ``overrides`` replace entries of :data:`MINI_GRPO_SETTINGS` (or set other
+    ``train_split`` prompts (each tag equally often with ``balance_tags``, see :func:`balanced_by_tag`);
+    ``overrides`` replace entries of :data:`MINI_GRPO_SETTINGS` (or set other
     ``FlowGRPOConfig`` fields).
     """
     from peft import LoraConfig
@@ -85,6 +109,8 @@ def make_mini_trainer(
     if "reward_weights" not in overrides and len(reward_funcs) != len(MINI_REWARD_WEIGHTS):
         settings["reward_weights"] = None
     lora = LoraConfig(**MINI_LORA, init_lora_weights="gaussian")
+    if train_dataset is None and balance_tags:
+        train_dataset = balanced_by_tag(load_prompt_dataset(str(PROMPTS_DIR), train_split))
     return FlowGRPOTrainer(
         os.fspath(model_path or ensure_mini_sd3()),
         reward_funcs=list(reward_funcs),
@@ -94,3 +120,14 @@ def make_mini_trainer(
         else load_prompt_dataset(str(PROMPTS_DIR), train_split),
         peft_config=lora,
     )
+
+
+def balanced_by_tag(dataset):
+    """``dataset`` with each tag's rows repeated so that every tag has about as many rows as the largest one: GenEval's
+    score weighs tags equally, and the train split has 6 two-object prompts for each single-object one."""
+    from collections import Counter
+
+    counts = Counter(dataset["tag"])
+    largest = max(counts.values())
+    indices = [i for i, tag in enumerate(dataset["tag"]) for _ in range(round(largest / counts[tag]))]
+    return dataset.select(indices)
