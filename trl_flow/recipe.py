@@ -17,7 +17,13 @@ import yaml
 from .errors import UserInputError
 
 # Names usable in recipes instead of a hub id / path: things trl-flow builds or ships, so the demo needs no download.
-BUILTIN_MODELS = ("trl-flow/tiny-sd3", "trl-flow/mini-geneval", "trl-flow/tiny-wan", "trl-flow/tiny-flux-kontext")
+BUILTIN_MODELS = (
+    "trl-flow/tiny-sd3",
+    "trl-flow/mini-geneval",
+    "trl-flow/tiny-wan",
+    "trl-flow/tiny-flux-kontext",
+    "trl-flow/tiny-edit-kontext",
+)
 BUILTIN_DATASETS = (
     "trl-flow/tiny-prompts",
     "trl-flow/mini-geneval-prompts",
@@ -173,6 +179,10 @@ def resolve_model(name: str) -> str:
         from .offline_models.flux_kontext import ensure_tiny_flux_kontext
 
         return str(ensure_tiny_flux_kontext())
+    if name == "trl-flow/tiny-edit-kontext":  # the tiny Kontext pretrained to keep its source's shape
+        from .offline_models.flux_kontext_edit import ensure_tiny_edit_kontext
+
+        return str(ensure_tiny_edit_kontext())
     return name
 
 

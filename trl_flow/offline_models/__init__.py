@@ -3,6 +3,8 @@
 * :mod:`.sd3`, :mod:`.flux`, :mod:`.flux_kontext`, :mod:`.qwen_image`, :mod:`.qwen_image_edit`, :mod:`.wan`: tiny
   random-but-useful SD3 / FLUX.1 / FLUX.1 Kontext / Qwen-Image / Qwen-Image-Edit / Wan2.1 and two-expert Wan2.2
   pipelines for tests, examples and CPU smoke runs (``ensure_tiny_*`` builds one into the cache on first use);
+* :mod:`.flux_kontext_edit`: the tiny FLUX.1 Kontext with its transformer pretrained to keep its source's shape
+  in a colour the prompt does not choose (the base of the tiny edit task);
 * :mod:`.mini_geneval`: the mini-GenEval SD3, pretrained on synthetic shapes (it ships built in
   ``trl_flow/mini/pretrained``; ``ensure_mini_sd3()`` returns that folder);
 
@@ -26,6 +28,8 @@ _EXPORTS = {
     "ensure_tiny_flux": "flux",
     "build_tiny_flux_kontext": "flux_kontext",
     "ensure_tiny_flux_kontext": "flux_kontext",
+    "build_tiny_edit_kontext": "flux_kontext_edit",
+    "ensure_tiny_edit_kontext": "flux_kontext_edit",
     "build_tiny_qwen_image": "qwen_image",
     "ensure_tiny_qwen_image": "qwen_image",
     "build_tiny_qwen_image_edit": "qwen_image_edit",
@@ -42,6 +46,7 @@ _EXPORTS = {
 __all__ = [
     "MiniBuildConfig",
     "build_mini_sd3",
+    "build_tiny_edit_kontext",
     "build_tiny_flux",
     "build_tiny_flux_kontext",
     "build_tiny_qwen_image",
@@ -50,6 +55,7 @@ __all__ = [
     "build_tiny_wan",
     "build_tiny_wan22",
     "ensure_mini_sd3",
+    "ensure_tiny_edit_kontext",
     "ensure_tiny_flux",
     "ensure_tiny_flux_kontext",
     "ensure_tiny_qwen_image",
@@ -62,6 +68,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .flux import build_tiny_flux, ensure_tiny_flux
     from .flux_kontext import build_tiny_flux_kontext, ensure_tiny_flux_kontext
+    from .flux_kontext_edit import build_tiny_edit_kontext, ensure_tiny_edit_kontext
     from .mini_geneval import MiniBuildConfig, build_mini_sd3, ensure_mini_sd3
     from .qwen_image import build_tiny_qwen_image, ensure_tiny_qwen_image
     from .qwen_image_edit import build_tiny_qwen_image_edit, ensure_tiny_qwen_image_edit

@@ -154,12 +154,14 @@ class SeededBuild:
     Attributes:
         folder: the cache folder's name before the version, e.g. ``"tiny-flux"``.
         version: the recipe's version; bump it whenever the recipe changes, so that stale caches are not reused.
-        make: seed -> ``(pipeline, metrics)``; the metrics are stored in the marker file under ``"vae"``.
+        make: seed -> ``(pipeline, metrics)``; the metrics are stored in the marker file under ``metrics_key``.
+        metrics_key: the marker's key of the metrics (``"vae"``: the metrics of most builds are their VAE's).
     """
 
     folder: str
     version: str
     make: Callable[[int], tuple[Any, dict]]
+    metrics_key: str = "vae"
 
     def default_dir(self) -> pathlib.Path:
         """Where :meth:`ensure` builds when given no path."""
@@ -168,7 +170,7 @@ class SeededBuild:
     def build_into(self, target: pathlib.Path, seed: int, keep_complete: bool) -> pathlib.Path:
         """:func:`save_build` of ``make(seed)`` at the absolute path ``target``; the marker holds version and seed."""
         marker = {"version": self.version, "seed": seed}
-        return save_build(target, lambda: self.make(seed), marker, keep_complete)
+        return save_build(target, lambda: self.make(seed), marker, keep_complete, self.metrics_key)
 
     def build(self, output_dir: str | os.PathLike, seed: int) -> pathlib.Path:
         """Build into ``output_dir`` and return it as an absolute path.
