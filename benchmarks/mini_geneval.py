@@ -41,17 +41,6 @@ from benchmarks.common import machine
 EVAL_SEED = 1234
 
 
-def held_out_rows(
-    split: str = "test", num_two_object: int | None = None, single_seeds: int = 8, pair_seeds: int = 2
-) -> list[dict]:
-    """Evaluation rows of ``split``, each single-object row repeated ``single_seeds`` times (the test split has 12)
-    and each of ``num_two_object`` two-object rows (all: 96 in the test split) ``pair_seeds`` times."""
-    from trl_flow.mini.evaluate import evaluation_rows
-
-    rows = evaluation_rows(split, num_two_object=num_two_object)
-    return [row for row in rows for _ in range(single_seeds if row["tag"] == "single_object" else pair_seeds)]
-
-
 def draw(trainer, rows: list[dict], base: bool, guidance_scale: float | None = None) -> list:
     """ODE images of the base model (LoRA disabled) or of the policy for ``rows``, fixed noise."""
     import contextlib
@@ -139,12 +128,11 @@ def paired_score(base: np.ndarray, trained: np.ndarray, rows: list[dict]) -> dic
 def run_algorithm(name: str, minutes: float, eval_every: float, rows, train_rows, base, output, model_path, extra):
     """Train ``name`` for ``minutes``; return its result row (and write its grid)."""
     from trl_flow.comparison import Comparison, save_comparison_grid
-    from trl_flow.mini.evaluate import score_images
+    from trl_flow.mini.evaluate import background_colours, score_images
     from trl_flow.mini.grpo import MINI_ALGORITHM_SETTINGS, make_mini_trainer
 
     settings = {**MINI_ALGORITHM_SETTINGS[name], **extra}
     guidance = settings.get("guidance_scale", 4.0)
-    settings.setdefault("balance_tags", False)
     curve: list[tuple[float, float, float]] = []
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = make_mini_trainer(output_dir, model_path=model_path, max_steps=100_000, **settings)
@@ -170,10 +158,10 @@ def run_algorithm(name: str, minutes: float, eval_every: float, rows, train_rows
         trainer.train()
         wall = time.perf_counter() - start
         images = draw(trainer, rows, base=False)
-        trained_correct = correct(images, rows)
+        scores = score_images(images, rows)
+        trained_correct = scores["correct"]
         result = paired_score(base["correct"], trained_correct, rows)
         curve.append((budget.seconds / 60, result["score"], result["gain_se"]))
-        scores = score_images(images, rows)
         train_images = draw(trainer, train_rows, base=False)
         row = {
             "algorithm": name,
@@ -181,9 +169,11 @@ def run_algorithm(name: str, minutes: float, eval_every: float, rows, train_rows
             "held_out": result,
             "per_attribute": scores["per_attribute"],
             "train_score": score_images(train_images, train_rows)["score"],
-            "v_drift": velocity_drift(trainer, [r["prompt"] for r in rows[::4]], settings.get("eval_steps", 10)),
+            "v_drift": velocity_drift(trainer, [r["prompt"] for r in rows[::4]], trainer.args.eval_num_inference_steps),
             "pixel_drift": pixel_drift(base["images"], images),
-            "bg_drift": float(np.nanmean(np.linalg.norm(_backgrounds(images) - _backgrounds(base["images"]), axis=1))),
+            "bg_drift": float(
+                np.nanmean(np.linalg.norm(background_colours(images) - background_colours(base["images"]), axis=1))
+            ),
             "images_used": images_used[0],
             "updates": trainer.state.global_step,
             "train_minutes": budget.seconds / 60,
@@ -196,22 +186,6 @@ def run_algorithm(name: str, minutes: float, eval_every: float, rows, train_rows
         comparison.trained_rewards["mini_geneval"] = trained_correct
         row["grid"] = str(save_comparison_grid(comparison, output / f"grid_{name}.png"))
     return row
-
-
-def _backgrounds(images: list) -> np.ndarray:
-    from scipy import ndimage
-
-    from reward_funcs.mini_geneval import segment
-
-    colours = []
-    for image in images:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-        objects = np.zeros(pixels.shape[:2], dtype=bool)
-        for detection in segment(image):
-            objects |= detection.mask
-        background = ~ndimage.binary_dilation(objects)
-        colours.append(pixels[background].mean(axis=0) if background.any() else np.full(3, np.nan))
-    return np.array(colours)
 
 
 def table(results: list[dict], base: dict) -> str:
@@ -285,19 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     output = pathlib.Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
 
-    from trl_flow.mini.evaluate import score_images
+    from trl_flow.mini.evaluate import evaluation_rows, score_images
     from trl_flow.mini.grpo import MINI_ALGORITHM_SETTINGS, make_mini_trainer
 
     unknown = [name for name in args.algorithms if name not in MINI_ALGORITHM_SETTINGS]
     if unknown:
         parser.error(f"unknown algorithm(s) {unknown}; known: {sorted(MINI_ALGORITHM_SETTINGS)}")
-    rows = held_out_rows("test", args.two_object, args.single_seeds, args.pair_seeds)
-    train_rows = held_out_rows("train", args.two_object or 96, args.single_seeds // 4 or 1, 1)
+    rows = evaluation_rows("test", args.two_object, args.single_seeds, args.pair_seeds)
+    train_rows = evaluation_rows("train", args.two_object or 96, args.single_seeds // 4 or 1, 1)
     with tempfile.TemporaryDirectory() as scratch:  # the base: LoRA disabled, CFG 4
         trainer = make_mini_trainer(scratch, model_path=args.model, guidance_scale=4.0)
         images = draw(trainer, rows, base=True)
-        base_correct = correct(images, rows)
         scores = score_images(images, rows)
+        base_correct = scores["correct"]
         base = {
             "images": images,
             "correct": base_correct,

@@ -186,12 +186,17 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def evaluates(training_args) -> bool:
+    """Whether the run evaluates during training (and so hands the trainer an eval dataset)."""
+    return training_args.eval_strategy != "no" or training_args.eval_on_start
+
+
 def load_datasets(script_args, training_args, with_test_split: bool = False):
     """``(train, evaluation)`` datasets of a run; evaluation is None unless the run evaluates or
     ``with_test_split`` (compare_to_base also reads the test split)."""
     from .data import TINY_EVAL_PROMPTS_PATH, TINY_PROMPTS_PATH, TINY_VIDEO_PROMPTS_PATH, load_prompt_dataset
 
-    wants_eval = training_args.eval_strategy != "no" or training_args.eval_on_start or with_test_split
+    wants_eval = evaluates(training_args) or with_test_split
     if script_args.dataset_name is None:
         raise UserInputError("no prompts: set dataset_name in the recipe or with --dataset_name")
     if script_args.dataset_name == "trl-flow/tiny-prompts":
@@ -233,11 +238,8 @@ def build_trainer(script_args, training_args, model_args):
     # Everything the user typed is checked before the long model load and before any output is written.
     check_hub_access(training_args)
     reward_funcs = resolve_reward_funcs(script_args.reward_funcs)
-    train_dataset, eval_dataset = load_datasets(script_args, training_args, script_args.compare_to_base)
-    if training_args.eval_strategy == "no" and not training_args.eval_on_start:
-        eval_dataset, test_split = None, eval_dataset  # read for compare_to_base only
-    else:
-        test_split = eval_dataset
+    train_dataset, test_split = load_datasets(script_args, training_args, script_args.compare_to_base)
+    eval_dataset = test_split if evaluates(training_args) else None  # else read for compare_to_base only
     check_trackers_installed(training_args.report_to)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else None
     pipeline = load_pipeline(resolve_model(model_args.model_name_or_path), dtype=dtype)

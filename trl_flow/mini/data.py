@@ -48,6 +48,7 @@ __all__ = [
     "BACKGROUND",
     "COLORS",
     "IMAGE_SIZE",
+    "MAX_SEQUENCE_LENGTH",
     "PROMPTS_DIR",
     "REGIONS",
     "RELATIONS",
@@ -68,6 +69,10 @@ __all__ = [
 
 IMAGE_SIZE: int = 32
 """Image height and width in pixels."""
+
+MAX_SEQUENCE_LENGTH: int = 16
+"""Text-encoder tokens a prompt needs (the longest has 10 words, one token each): call the mini pipeline with
+``max_sequence_length`` set to this, or T5 pads prompts to 256 tokens."""
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (210, 30, 35),

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from trl_flow.mini.data import BACKGROUND, IMAGE_SIZE, sample_images, split_prompts
+from trl_flow.mini.data import BACKGROUND, IMAGE_SIZE, MAX_SEQUENCE_LENGTH, sample_images, split_prompts
 
 from .cache import MARKER_FILE, absolute_path, cache_root, ensure_build, is_complete, save_build
 from .sd3 import SD3TextStack, sd3_pipeline, sd3_text_stack, sd3_transformer
@@ -60,7 +60,7 @@ MINI_SD3_VERSION: str = "2"
 MINI_IMAGE_SIZE: int = IMAGE_SIZE
 """Image height and width in pixels (32)."""
 
-MINI_MAX_SEQUENCE_LENGTH: int = 16
+MINI_MAX_SEQUENCE_LENGTH: int = MAX_SEQUENCE_LENGTH
 """``max_sequence_length`` to call the pipeline with (the longest prompt has 10 words)."""
 
 PRETRAINED_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent.parent / "mini" / "pretrained"
@@ -368,11 +368,7 @@ def _evaluate(pipe, step: int, log: Callable[[str], None]) -> dict[str, float]:
 
     metrics = {}
     for split in ("test", "train"):
-        rows = [  # few held-out single-object prompts: 4 images each
-            row
-            for row in evaluation_rows(split, num_two_object=96)
-            for _ in range(4 if len(row["include"]) == 1 else 1)
-        ]
+        rows = evaluation_rows(split, num_two_object=96, single_images=4)
         scores = score_images(generate(pipe, [row["prompt"] for row in rows], seed=4321), rows)
         for tag, value in scores["per_tag"].items():
             metrics[f"{split}_{tag}"] = value
