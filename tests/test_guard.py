@@ -21,14 +21,15 @@ from trl_flow.guard import (
     thumbnail,
 )
 
-# Measured on 2 CPU cores (seed 0, evaluation every 6 of 24 updates, tolerance 10%, patience 2, learning rate 0.05
-# after 8 warm-up updates, the same for both runs; only beta differs). Beta 0: the images blow out after update 12
-# (change from the first evaluation, mid_grey / diversity: -57% / -96% at update 18, -73% / -100% at 24) and the guard
-# fires at update 24. Beta 1000: no guarded quantity moved by more than 6% (mid_grey +3.6% / diversity -5.7% at worst).
-# Without warm-up, Adam's first updates (where the KL term's gradient is still zero) move the policy by about the
-# learning rate whatever beta is, and even beta 1000 swings (mid_grey -59% at update 12) before it is pulled back.
+# Measured on 2 CPU cores (evaluation every 6 updates, tolerance 10%, patience 2, learning rate 0.05 after 16 warm-up
+# updates, the same for both runs; only beta differs), over seeds 0-3 as a stand-in for other CPUs' rounding: beta 0
+# blows the images out (mid_grey / diversity -39..-74% / -44..-99% at update 24) and the guard fires at update 24, 30
+# or 36; beta 1000 moves no guarded quantity by more than 11% in 36 updates, and by more than 3% in the first 18.
+# The warm-up matters: where the KL term's gradient is still zero, Adam's first updates move the policy by about the
+# learning rate whatever beta is. With 8 warm-up updates beta 1000 swung (mid_grey -31% at update 18 on one machine,
+# -60% at 24 with seed 1) and the guard fired, while CI's machines had stayed within 6%.
 HACK_LEARNING_RATE = 0.05
-HACK_WARMUP_STEPS = 8
+HACK_WARMUP_STEPS = 16
 LARGE_BETA = 1000.0
 
 
@@ -164,15 +165,15 @@ def guard_logs(trainer):
 def test_hackable_run_fires_at_beta_zero_stops_and_marks_the_best_checkpoint(tiny_sd3_path, tmp_path):
     output_dir = tmp_path / "hack"
     trainer = hackable_trainer(
-        tiny_sd3_path, output_dir, beta=0.0, guard_action="stop", save_strategy="steps", save_steps=6, max_steps=36
+        tiny_sd3_path, output_dir, beta=0.0, guard_action="stop", save_strategy="steps", save_steps=6, max_steps=48
     )
     assert trainer.reward_func_names == ["brightness"]  # the guard reward is not a training reward
     trainer.train()
     logs = guard_logs(trainer)
     guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RewardHackingGuard))
     print("guard logs:", [(e["step"], e["guard/change/mid_grey"], e["guard/change/diversity"]) for e in logs])
-    assert guard.fired_at_step is not None and guard.fired_at_step <= 24
-    assert trainer.state.global_step == guard.fired_at_step < 36  # stopped at the evaluation that fired
+    assert guard.fired_at_step is not None and guard.fired_at_step <= 36
+    assert trainer.state.global_step == guard.fired_at_step < 48  # stopped at the evaluation that fired
     assert logs[-1]["guard/fired"] == 1.0 and logs[-1]["step"] == guard.fired_at_step
     for key in ("guard/mid_grey", "guard/diversity", "guard/saturation", "guard/edge_density"):
         assert all(math.isfinite(entry[key]) for entry in logs), key

@@ -104,10 +104,13 @@ def rollout(toy, prompts, images, noise_level, steps=3, trained=range(0), **kwar
     )
 
 
-def assert_same_images(ours, theirs):
+def assert_same_images(ours, theirs, levels: int = 0):
+    """Equal images, or, with ``levels``, no pixel more than that many 8-bit levels apart (another seed's noise moves
+    the tiny edit's pixels by up to 218-245 levels)."""
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs, strict=True):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+        difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert difference.max() <= levels, f"{(difference > levels).sum()} pixels differ, by up to {difference.max()}"
 
 
 def test_tiny_edit_tokenizer_drops_exactly_the_system_prompt(tiny_edit_path):
@@ -164,7 +167,9 @@ def test_noise_level_zero_rollout_reproduces_the_edit_plus_pipeline(edit_pipe, s
     assert toy.adapter.plus and type(adapter_for_pipeline(plus)) is QwenImageEditAdapter
     ours, _, _ = rollout(toy, PROMPTS, sources(), 0.0, sample_offset=0)
     theirs = toy.adapter.reference_images(PROMPTS, 3, 1.0, SIZE, SIZE, 64, seed=7, condition_images=sources())
-    assert_same_images(ours, theirs)
+    # The pipeline runs one prompt per call and the rollout batches them: on some CPUs the batched matrix products
+    # round differently (seen once in CI, never here), which can move a pixel by a level.
+    assert_same_images(ours, theirs, levels=2)
 
 
 def test_the_source_is_encoded_once_per_prompt_image_group(edit_pipe):
