@@ -12,18 +12,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, "1")
 
-#: Test files that start processes of their own (`accelerate launch`, DeepSpeed): run one at a time, on one worker,
-#: so that their process groups never share the default rendezvous port.
-_LAUNCHING_TESTS = ("tests/distributed/",)
-
 
 def pytest_collection_modifyitems(config, items):
-    """With ``--dist loadgroup``, a file's tests stay on one worker (module fixtures such as a 2-process run are
-    built once), and the files that launch processes share one group."""
+    """With ``--dist loadgroup``, a file's tests stay on one worker, one after another, so a module fixture (a
+    2-process run, say) is built once. Launched process groups rendezvous on a free port each
+    (`tests.factories.free_port`), so files that launch processes may run beside each other."""
     for item in items:
-        path = item.nodeid.split("::")[0]
-        group = "launching" if path.startswith(_LAUNCHING_TESTS) else path
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")

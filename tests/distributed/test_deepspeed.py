@@ -13,6 +13,8 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
+from tests.factories import free_port
+
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +28,8 @@ TOLERANCE = 1e-4
 
 def tiny_run(output_dir: Path, *flags: str) -> dict:
     """Run the tiny recipe for `UPDATES` updates with ``flags``; return its stdout and logged training entries."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # DeepSpeed's one-process group still rendezvouses, by default on port 29500: take a free one.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MASTER_PORT": str(free_port())}
     command = [
         sys.executable, "-m", "trl_flow.cli", "grpo", "--recipe", "recipes/tiny.yaml", "--max_steps", str(UPDATES),
         "--logging_steps", "1", "--output_dir", str(output_dir), *flags,
