@@ -190,3 +190,33 @@ def test_rollout_decodes_in_training_micro_batches_without_changing_an_image(tin
     assert decoded == [3, 3, 1]
     whole = decode(latents)
     assert [image.tobytes() for image in sliced] == [image.tobytes() for image in whole]
+
+
+def test_rollout_runs_the_denoiser_in_training_micro_batches_with_the_whole_batch_s_results(tiny_sd3_path, tmp_path):
+    # 8 images with CFG 4, micro-batches of 3: the transformer sees 6, 6 and 4 samples (CFG doubles each slice)
+    # instead of 16 at once; every random draw still covers the batch, so latents and log-probs are the whole
+    # batch's (float32 round-off of a smaller matrix product aside).
+    trainer = make_trainer(
+        tiny_sd3_path, tmp_path, per_device_train_batch_size=3, num_generations=3, guidance_scale=4.0
+    )
+    forward_sizes = []
+    hook = trainer.adapter.pipeline.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: forward_sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    prompts = ["a red image"] * 4 + ["a blue image"] * 4
+
+    def rollout():
+        return trainer.rollouts.rollout(trainer._denoiser_for_generation, prompts, 4, 0.7, range(3), seed=3)
+
+    try:
+        sliced_images, sliced, _ = rollout()
+        sliced_sizes, forward_sizes[:] = list(forward_sizes), []
+        trainer.args.per_device_train_batch_size = 8
+        whole_images, whole, _ = rollout()
+    finally:
+        hook.remove()
+    assert sliced_sizes == [6, 6, 4] * 4 and forward_sizes == [16] * 4
+    assert sliced.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(sliced[name], whole[name], rtol=1e-5, atol=1e-5)
+    assert len(sliced_images) == len(whole_images) == 8

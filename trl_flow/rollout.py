@@ -180,8 +180,7 @@ class RolloutSampler:
         if with_means:
             record["old_means"] = []
         for i in range(num_steps):
-            sigma = sigmas[i].expand(batch_size)
-            velocity = self.adapter.predict_velocity(denoiser, latents, sigma, conditioning, guidance_scale)
+            velocity = self._velocity(denoiser, latents, sigmas[i].expand(batch_size), conditioning, guidance_scale)
             # Fast mode (sde_window_size > 0): the SDE only inside the trained window, the ODE elsewhere.
             step_noise = noise_level if (i in trained_steps or not args.sde_window_size) else 0.0
             eps = None
@@ -214,6 +213,36 @@ class RolloutSampler:
             trajectory["sigmas_next"] = sigmas[steps + 1].expand(batch_size, -1).to(latents.device)
             trajectory.update(self.adapter.step_record(trajectory["sigmas"]))  # e.g. Wan2.2's expert per step
         return latents, trajectory
+
+    def _velocity(
+        self,
+        denoiser: Any,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        conditioning: Conditioning,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The batch's velocity, predicted ``per_device_train_batch_size`` samples at a time.
+
+        Only the forward pass is sliced; the SDE step (and so every random draw) still takes the whole batch, so the
+        images are those of one forward over the batch. The training pass holds a micro-batch of that size with its
+        autograd graph anyway, so the rollout's no-grad forward of the same size never sets the peak; unsliced, a
+        64-image rollout with CFG ran the transformer on 128 samples at once."""
+        batch_size = latents.shape[0]
+        size = max(1, getattr(self.args, "per_device_train_batch_size", None) or batch_size)
+        if size >= batch_size:
+            return self.adapter.predict_velocity(denoiser, latents, sigma, conditioning, guidance_scale)
+        parts = [
+            self.adapter.predict_velocity(
+                denoiser,
+                latents[start : start + size],
+                sigma[start : start + size],
+                {name: tensor[start : start + size] for name, tensor in conditioning.items()},
+                guidance_scale,
+            )
+            for start in range(0, batch_size, size)
+        ]
+        return torch.cat(parts)
 
     def decode(self, latents: torch.Tensor) -> list:
         """The completions of final ``latents``, decoded ``per_device_train_batch_size`` samples at a time: the VAE's

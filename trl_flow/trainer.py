@@ -32,6 +32,7 @@ from trl.trainer.utils import RepeatSampler
 
 from .algorithms import CONDITIONING_PREFIX, Algorithm, build_algorithm
 from .algorithms.advantages import group_relative_advantages, reward_metrics, weighted_rewards
+from .allocator import tune_malloc
 from .callbacks import (
     AfterStepCallback,
     EMACallback,
@@ -99,6 +100,8 @@ class FlowGRPOTrainer(GRPOTrainer):
             raise TypeError("FlowGRPOTrainer needs a FlowGRPOConfig, not a plain GRPOConfig")
         check_hub_access(args)
         check_trackers_installed(args.report_to)
+        if args.tune_malloc:
+            tune_malloc()  # before the weights and the first rollout are allocated
         if isinstance(model, (str, os.PathLike)):
             model = load_pipeline(os.fspath(model), **dict(args.model_init_kwargs or {}))
         self.pipeline = model

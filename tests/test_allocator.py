@@ -1,0 +1,54 @@
+"""`tune_malloc`: freed large blocks leave the process instead of staying resident in glibc's heap."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+
+# 50 blocks of 4 MiB, each followed by a small live block, are freed. glibc has first raised its mmap threshold to
+# 8 MiB (a freed mmapped block of that size, as a rollout's activations are), so the 4 MiB blocks are heap blocks, and
+# the small ones above them keep the heap from being trimmed. Measured: 211 -> 211 MB resident without tuning,
+# 214 -> 14 MB with it.
+PROBE = """
+import ctypes, os, sys
+if sys.argv[1] == "tuned":
+    from trl_flow.allocator import tune_malloc
+    assert tune_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def block(size):
+    pointer = libc.malloc(size)
+    ctypes.memset(pointer, 1, size)
+    return pointer
+libc.free(block(8 << 20))
+big, small = [], []
+for _ in range(50):
+    big.append(block(4 << 20))
+    small.append(block(64))
+before = resident_mb()
+for pointer in big:
+    libc.free(pointer)
+print(before - resident_mb())
+"""
+
+
+def released_mb(mode: str) -> float:
+    result = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout)
+
+
+def test_tuned_malloc_returns_freed_blocks_that_the_default_keeps():
+    assert released_mb("tuned") > 150  # of the 200 MB freed
+    assert released_mb("default") < 50
+
+
+def test_tune_malloc_is_idempotent():
+    from trl_flow.allocator import tune_malloc
+
+    assert tune_malloc() is tune_malloc() is True
