@@ -125,7 +125,9 @@ def paired_score(base: np.ndarray, trained: np.ndarray, rows: list[dict]) -> dic
     return {"score": float(np.mean(list(per_tag.values()))), "per_tag": per_tag, "gain": gain, "gain_se": gain_se}
 
 
-def run_algorithm(name: str, minutes: float, eval_every: float, rows, train_rows, base, output, model_path, extra):
+def run_algorithm(
+    name: str, minutes: float, eval_every: float, rows, train_rows, base, output, model_path, extra, balance_tags
+):
     """Train ``name`` for ``minutes``; return its result row (and write its grid)."""
     from trl_flow.comparison import Comparison, save_comparison_grid
     from trl_flow.mini.evaluate import background_colours, score_images
@@ -135,7 +137,9 @@ def run_algorithm(name: str, minutes: float, eval_every: float, rows, train_rows
     guidance = settings.get("guidance_scale", 4.0)
     curve: list[tuple[float, float, float]] = []
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = make_mini_trainer(output_dir, model_path=model_path, max_steps=100_000, **settings)
+        trainer = make_mini_trainer(
+            output_dir, model_path=model_path, balance_tags=balance_tags, max_steps=100_000, **settings
+        )
         images_used = [0]
         generate_and_score = trainer._generate_and_score_completions
 
@@ -252,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-seeds", type=int, default=8, help="images per held-out single-object prompt")
     parser.add_argument("--pair-seeds", type=int, default=2, help="images per held-out two-object prompt")
     parser.add_argument("--two-object", type=int, default=None, help="held-out two-object prompts (default all 96)")
+    parser.add_argument(
+        "--balance-tags",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train on each tag equally often (the train split has 6 two-object prompts per single-object one)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -294,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 output,
                 args.model,
                 json.loads(args.override),
+                args.balance_tags,
             )
         )
         print(table(results, base), flush=True)
