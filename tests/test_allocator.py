@@ -33,6 +33,9 @@ for _ in range(50):
 before = resident_mb()
 for pointer in big:
     libc.free(pointer)
+if sys.argv[1] == "released":
+    from trl_flow.allocator import release_free_heap
+    assert release_free_heap()
 print(before - resident_mb())
 """
 
@@ -45,6 +48,12 @@ def released_mb(mode: str) -> float:
 
 def test_tuned_malloc_returns_freed_blocks_that_the_default_keeps():
     assert released_mb("tuned") > 150  # of the 200 MB freed
+    assert released_mb("default") < 50
+
+
+def test_release_free_heap_returns_free_chunks_below_live_blocks():
+    """Default thresholds, so the freed 4 MiB blocks stay resident below the small live ones until the release."""
+    assert released_mb("released") > 150
     assert released_mb("default") < 50
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from trl.trainer.utils import RepeatSampler
 
 from .algorithms import CONDITIONING_PREFIX, Algorithm, build_algorithm
 from .algorithms.advantages import group_relative_advantages, reward_metrics, weighted_rewards
-from .allocator import tune_malloc
+from .allocator import release_free_heap, tune_malloc
 from .callbacks import (
     AfterStepCallback,
     EMACallback,
@@ -202,6 +203,10 @@ class FlowGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         prompts = [example["prompt"] for example in inputs]
         args = self.args
+        if args.tune_malloc:
+            # The last updates' freed activations (some held by reference cycles), before the rollout allocates.
+            gc.collect()
+            release_free_heap()
         if mode == "train":
             num_steps, noise_level = args.num_inference_steps, args.noise_level
             trained_steps = self.rollouts.trained_steps()
