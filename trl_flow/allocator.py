@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import sys
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "release_free_heap", "tune_malloc"]
@@ -69,9 +70,12 @@ def tune_malloc() -> bool:
 
 
 def release_free_heap() -> bool:
-    """Return the pages of every free chunk in glibc's heap arenas to the system (``malloc_trim(0)``).
+    """Collect garbage cycles, then return the pages of every free chunk in glibc's heap arenas (``malloc_trim(0)``).
 
-    Live memory is untouched. Returns whether anything was released; False also where the C library is not glibc.
+    The full collection comes first because a training step's reference cycles keep their tensors' memory until
+    Python's rare oldest-generation pass. Live memory is untouched. Returns whether anything was released; False also
+    where the C library is not glibc.
     """
+    gc.collect()
     libc = _glibc()
     return libc is not None and bool(libc.malloc_trim(0))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import gc
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -95,8 +94,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         peft_config: PeftConfig | None = None,
         model_family: str | None = None,
     ) -> None:
-        if args is None:
-            args = FlowGRPOConfig(output_dir="flow-grpo")
+        args = args or FlowGRPOConfig(output_dir="flow-grpo")
         if not isinstance(args, FlowGRPOConfig):
             raise TypeError("FlowGRPOTrainer needs a FlowGRPOConfig, not a plain GRPOConfig")
         check_hub_access(args)
@@ -203,9 +201,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         prompts = [example["prompt"] for example in inputs]
         args = self.args
-        if args.tune_malloc:
-            # The last updates' freed activations (some held by reference cycles), before the rollout allocates.
-            gc.collect()
+        if args.tune_malloc:  # the last updates' freed activations leave the process before the rollout allocates
             release_free_heap()
         if mode == "train":
             num_steps, noise_level = args.num_inference_steps, args.noise_level
