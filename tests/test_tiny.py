@@ -243,3 +243,18 @@ def test_install_refuses_to_replace_unrelated_directory(tmp_path):
         tiny._install(tmp, target, keep_complete=True)
     assert (target / "thesis.tex").read_text() == "do not delete"
     assert not tmp.exists()
+
+
+def test_a_build_on_a_nonzero_rank_writes_every_component(tmp_path, monkeypatch):
+    """Under `accelerate launch` whichever rank takes the lock builds; transformers (>= 5.25) writes a model's weights
+    only on rank 0 unless told otherwise, which left rank 1's tiny builds without a text encoder."""
+    from transformers import AutoModel
+
+    from trl_flow.offline_models.wan import build_tiny_wan
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 1)
+    path = build_tiny_wan(tmp_path / "wan")
+    monkeypatch.undo()
+    assert (path / "text_encoder" / "model.safetensors").is_file()
+    AutoModel.from_pretrained(path / "text_encoder")

@@ -105,6 +105,28 @@ def _install(tmp: pathlib.Path, target: pathlib.Path, keep_complete: bool) -> No
     raise RuntimeError(f"could not install the build at {target}")
 
 
+@contextlib.contextmanager
+def _saving_on_this_rank(pipe: Any) -> Iterator[None]:
+    """Make the pipeline's transformers models write their weights whichever process saves them.
+
+    Since transformers 5.25, ``PreTrainedModel.save_pretrained`` writes nothing but its config on a process whose
+    ``torch.distributed`` rank is not 0. A build is local to the process that holds the lock, which under
+    ``accelerate launch`` may be any rank: without this, rank 1's build of a tiny model had an empty text encoder.
+    """
+    patched = [
+        module
+        for module in getattr(pipe, "components", {}).values()
+        if callable(getattr(module, "should_save_on_this_rank", None))
+    ]
+    for module in patched:
+        module.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.should_save_on_this_rank
+
+
 def save_build(
     target: pathlib.Path,
     build: Callable[[], tuple[Any, dict]],
@@ -126,7 +148,8 @@ def save_build(
     try:
         with torch.random.fork_rng(devices=[]):
             pipe, metrics = build()
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        with _saving_on_this_rank(pipe):
+            pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / MARKER_FILE).write_text(json.dumps({**marker, metrics_key: metrics}, indent=2) + "\n")
         _install(tmp, target, keep_complete=keep_complete)
     except BaseException:
