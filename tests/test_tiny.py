@@ -198,14 +198,22 @@ def test_ensure_keeps_complete_build(tiny_dir, monkeypatch):
 
 
 def test_ensure_rebuilds_incomplete_dir_deterministically(tiny_dir, tmp_path):
+    threads = torch.get_num_threads()
     target = tmp_path / "incomplete"
     shutil.copytree(tiny_dir, target)
     (target / tiny.MARKER_FILE).unlink()
     (target / "stale.txt").write_text("left over from an interrupted copy")
-    assert ensure_tiny_sd3(target) == target
+    caller_threads = 1 if torch.get_num_threads() > 1 else 2  # not the fixture's count
+    torch.set_num_threads(caller_threads)
+    try:
+        assert ensure_tiny_sd3(target) == target
+        assert torch.get_num_threads() == caller_threads  # restored after the build
+    finally:
+        torch.set_num_threads(threads)
     assert (target / tiny.MARKER_FILE).is_file()
     assert not (target / "stale.txt").exists()
-    # same seed, same machine -> the same weights
+    # same seed, same machine, any thread count of the caller -> the same weights (a VAE trained on two threads
+    # differs from one trained on one)
     for rel in ["vae/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors"]:
         assert (target / rel).read_bytes() == (tiny_dir / rel).read_bytes(), rel
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["incomplete"]

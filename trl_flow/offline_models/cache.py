@@ -106,6 +106,23 @@ def _install(tmp: pathlib.Path, target: pathlib.Path, keep_complete: bool) -> No
 
 
 @contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the caller's count.
+
+    A build trains (the VAEs, the edit model's transformer), and a CPU kernel's float sums depend on how many threads
+    split them: a tiny SD3 VAE trained on two threads differed from the one-thread build by 0.06 in a weight, and the
+    learning tests' figures moved with it. On one thread a seed gives the same build under pytest-xdist, a CLI run or
+    any rank of a launched job.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def _saving_on_this_rank(pipe: Any) -> Iterator[None]:
     """Make the pipeline's transformers models write their weights whichever process saves them.
 
@@ -146,7 +163,7 @@ def save_build(
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _one_thread():
             pipe, metrics = build()
         with _saving_on_this_rank(pipe):
             pipe.save_pretrained(tmp, safe_serialization=True)
@@ -198,10 +215,11 @@ class SeededBuild:
     def build(self, output_dir: str | os.PathLike, seed: int) -> pathlib.Path:
         """Build into ``output_dir`` and return it as an absolute path.
 
-        Deterministic for a ``seed`` on a given machine and thread count. The build is written into a temporary
-        sibling folder and renamed into place once complete (marker file last), so readers never see a partial
-        build; an existing previous build (or empty folder) there is replaced, any other non-empty folder raises
-        :class:`FileExistsError`. The caller's global torch RNG state is left untouched.
+        Deterministic for a ``seed`` on a given machine, whatever torch's thread count (builds run on one thread).
+        The build is written into a temporary sibling folder and renamed into place once complete (marker file
+        last), so readers never see a partial build; an existing previous build (or empty folder) there is
+        replaced, any other non-empty folder raises :class:`FileExistsError`. The caller's global torch RNG state
+        is left untouched.
         """
         return self.build_into(absolute_path(output_dir), seed, keep_complete=False)
 
