@@ -61,3 +61,48 @@ def test_tune_malloc_is_idempotent():
     from trl_flow.allocator import tune_malloc
 
     assert tune_malloc() is tune_malloc() is True
+
+
+class FakeReleases:
+    """A clock and a `release_free_heap` that takes ``cost`` seconds of it."""
+
+    def __init__(self, cost: float) -> None:
+        self.now, self.cost, self.calls = 0.0, cost, 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def release(self) -> bool:
+        self.calls += 1
+        self.now += self.cost
+        return True
+
+
+def test_heap_releaser_skips_releases_until_their_cost_is_a_small_share(monkeypatch):
+    from trl_flow import allocator
+
+    fake = FakeReleases(cost=0.5)
+    monkeypatch.setattr(allocator, "release_free_heap", fake.release)
+    releaser = allocator.HeapReleaser(max_overhead=0.05, clock=fake.clock)
+    assert releaser()  # the first is always due
+    fake.now = 9.9  # 0.5 s of release in 9.9 s would be over 5%
+    assert not releaser()
+    fake.now = 10.0
+    assert releaser()
+    assert fake.calls == 2
+
+
+def test_heap_releaser_bounds_its_share_of_a_run_of_short_rollout_batches(monkeypatch):
+    """0.6 s rollout batches, 0.5 s releases: one release per batch would take 45% of the time."""
+    from trl_flow import allocator
+
+    fake = FakeReleases(cost=0.5)
+    monkeypatch.setattr(allocator, "release_free_heap", fake.release)
+    releaser = allocator.HeapReleaser(max_overhead=0.05, clock=fake.clock)
+    for _ in range(1000):
+        releaser()
+        fake.now += 0.6
+    share = fake.calls * fake.cost / fake.now
+    assert 0.04 < share <= 0.05, share  # still releasing, never over budget
+    with pytest.raises(ValueError, match="max_overhead"):
+        allocator.HeapReleaser(max_overhead=0.0)

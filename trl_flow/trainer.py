@@ -32,7 +32,7 @@ from trl.trainer.utils import RepeatSampler
 
 from .algorithms import CONDITIONING_PREFIX, Algorithm, build_algorithm
 from .algorithms.advantages import group_relative_advantages, reward_metrics, weighted_rewards
-from .allocator import release_free_heap, tune_malloc
+from .allocator import release_free_heap_when_due, tune_malloc
 from .callbacks import (
     AfterStepCallback,
     EMACallback,
@@ -202,7 +202,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         prompts = [example["prompt"] for example in inputs]
         args = self.args
         if args.tune_malloc:  # the last updates' freed activations leave the process before the rollout allocates
-            release_free_heap()
+            release_free_heap_when_due()
         if mode == "train":
             num_steps, noise_level = args.num_inference_steps, args.noise_level
             trained_steps = self.rollouts.trained_steps()
