@@ -150,7 +150,8 @@ def test_learns_a_prompt_conditional_reward(tiny_sd3_path, tmp_path):
     prompts for any image, so the mean reward rises only if the policy follows the prompt.
 
     Measured on the one-thread tiny SD3 build (2 CPU cores, ~2 min): 0.0006 -> 0.4187, SE 0.0157 (+26.6 SE); training
-    seeds 1 and 2: +54.0 and +42.8 SE. On a tiny SD3 whose VAE was trained on two threads it rose 0.5 SE."""
+    seeds 1 and 2: +54.0 and +42.8 SE. On an earlier cached build with other VAE weights (made before builds ran on
+    one thread) it rose 0.5 SE."""
     trainer = tiny_trainer(tiny_sd3_path, tmp_path / "out", algorithm="grpo_guard", max_steps=200, learning_rate=1e-2)
     before, after, standard_error = prompt_color_before_and_after_training(trainer, 6)
     assert after - before > 4 * standard_error, (before, after, standard_error)
