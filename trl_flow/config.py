@@ -218,9 +218,9 @@ class FlowGRPOConfig(GRPOConfig):
             "help": "Memory: fix glibc malloc's mmap (1 MiB) and trim (4 MiB) thresholds when the trainer starts, so "
             "that freed activations leave the process instead of staying resident in the heap (CPU peak memory "
             "stops climbing over the first epochs), and before a rollout batch collect garbage cycles and return "
-            "the heap's free pages (malloc_trim), so it does not creep up over a long run; a release is skipped while "
-            "its cost would exceed 5% of the time since the last one. Process-wide; no effect where the C library "
-            "is not glibc."
+            "the heap's free pages (malloc_trim), so it does not creep up over a long run; a release is skipped "
+            "while its cost would exceed 5 percent of the time since the last one. Process-wide; no effect where the "
+            "C library is not glibc."
         },
     )
     offload_rollouts: bool = field(
