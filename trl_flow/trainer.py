@@ -201,7 +201,7 @@ class FlowGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         prompts = [example["prompt"] for example in inputs]
         args = self.args
-        if args.tune_malloc:  # the last updates' freed activations leave the process before the rollout allocates
+        if args.tune_malloc:  # freed activations leave before the rollout allocates (when cheap enough: allocator)
             release_free_heap_when_due()
         if mode == "train":
             num_steps, noise_level = args.num_inference_steps, args.noise_level

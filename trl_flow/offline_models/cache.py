@@ -112,7 +112,8 @@ def _one_thread() -> Iterator[None]:
     A build trains (the VAEs, the edit model's transformer), and a CPU kernel's float sums depend on how many threads
     split them: a tiny SD3 VAE trained on two threads differed from the one-thread build by 0.06 in a weight, and the
     learning tests' figures moved with it. On one thread a seed gives the same build under pytest-xdist, a CLI run or
-    any rank of a launched job.
+    any rank of a launched job. For the tiny builds (:class:`SeededBuild`) only: the mini-GenEval build takes its
+    thread count from its caller and records it in its marker.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -163,7 +164,7 @@ def save_build(
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        with torch.random.fork_rng(devices=[]), _one_thread():
+        with torch.random.fork_rng(devices=[]):
             pipe, metrics = build()
         with _saving_on_this_rank(pipe):
             pipe.save_pretrained(tmp, safe_serialization=True)
@@ -208,9 +209,11 @@ class SeededBuild:
         return cache_root() / f"{self.folder}-{self.version}"
 
     def build_into(self, target: pathlib.Path, seed: int, keep_complete: bool) -> pathlib.Path:
-        """:func:`save_build` of ``make(seed)`` at the absolute path ``target``; the marker holds version and seed."""
+        """:func:`save_build` of ``make(seed)`` at the absolute path ``target``, on one torch thread (`_one_thread`);
+        the marker holds version and seed."""
         marker = {"version": self.version, "seed": seed}
-        return save_build(target, lambda: self.make(seed), marker, keep_complete, self.metrics_key)
+        with _one_thread():
+            return save_build(target, lambda: self.make(seed), marker, keep_complete, self.metrics_key)
 
     def build(self, output_dir: str | os.PathLike, seed: int) -> pathlib.Path:
         """Build into ``output_dir`` and return it as an absolute path.
